@@ -1,0 +1,1 @@
+"""HieraDet backbone for MMDetection 3.x."""

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Creates (or completes) .venv with the pinned stack this project is tested on.
+# Idempotent: each step checks what is installed; the mmcv wheel, the slow part,
+# is built once per (mmcv, torch, python, cuda) and cached outside the repo.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY_BOOT="${PYTHON:-python3.11}"
+CACHE="${HIERADET_MMDET_CACHE:-$HOME/.cache/hieradet-mmdet}"
+
+TORCH_VERSION=2.14.1
+TORCHVISION_VERSION=0.29.1
+MMENGINE_VERSION=0.10.7
+MMCV_VERSION=2.1.0
+MMDET_VERSION=3.3.0
+BIRDER_VERSION=0.8.4
+SETUPTOOLS_PIN='setuptools>=77,<81'
+
+say() { printf '[setup] %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV with $PY_BOOT"
+    "$PY_BOOT" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check --quiet)
+
+# Keeps every later install from replacing torch or lifting setuptools past 81.
+CONSTRAINTS="$VENV/hieradet-constraints.txt"
+printf 'torch==%s\ntorchvision==%s\n%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" "$SETUPTOOLS_PIN" > "$CONSTRAINTS"
+
+have() { "$PY" - "$@" <<'PYEOF'
+import sys
+from importlib.metadata import version, PackageNotFoundError
+ok = True
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    try:
+        ok &= version(name) == want
+    except PackageNotFoundError:
+        ok = False
+sys.exit(0 if ok else 1)
+PYEOF
+}
+
+if ! have "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" ninja==1.13.0; then
+    say "installing torch $TORCH_VERSION + torchvision $TORCHVISION_VERSION (about a minute)"
+    "${PIP[@]}" install -c "$CONSTRAINTS" "$SETUPTOOLS_PIN" wheel ninja==1.13.0 \
+        "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+fi
+"${PIP[@]}" install -c "$CONSTRAINTS" "$SETUPTOOLS_PIN"
+
+if ! have "mmengine==$MMENGINE_VERSION"; then
+    say "installing mmengine $MMENGINE_VERSION"
+    "${PIP[@]}" install -c "$CONSTRAINTS" "mmengine==$MMENGINE_VERSION"
+fi
+
+# --- mmcv: built from source with ops, cached by everything its binary depends on ---
+CUDA_TAG="$("$PY" -c 'import torch; print("cu" + torch.version.cuda.replace(".", "") if torch.cuda.is_available() and torch.version.cuda else "cpu")')"
+PY_TAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+WHEEL_DIR="$CACHE/wheels/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$PY_TAG-$CUDA_TAG"
+
+mmcv_ops_work() { "$PY" -c 'import mmcv, mmcv.ops; assert mmcv.__version__ == "'"$MMCV_VERSION"'"' >/dev/null 2>&1; }
+
+if ! mmcv_ops_work; then
+    if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
+        mkdir -p "$CACHE/logs" "$CACHE/build"
+        LOG="$CACHE/logs/mmcv-$MMCV_VERSION-$PY_TAG-$CUDA_TAG-$(date +%Y%m%d-%H%M%S).log"
+        SRC="$CACHE/build/mmcv-$MMCV_VERSION"
+        say "building mmcv $MMCV_VERSION with ops ($CUDA_TAG) from source: about 11 min on 2 cores, once per machine"
+        say "build log: $LOG"
+        rm -rf "$SRC" "$CACHE/build/sdist"
+        "${PIP[@]}" download --no-deps --no-binary :all: "mmcv==$MMCV_VERSION" -d "$CACHE/build/sdist"
+        tar -xzf "$CACHE/build/sdist/mmcv-$MMCV_VERSION.tar.gz" -C "$CACHE/build"
+        # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes c++14/c++17 (mmcv#3341).
+        sed -i -e 's/-std=c++14/-std=c++20/g' -e 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
+        start=$(date +%s)
+        (
+            cd "$SRC"
+            export MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" PATH="$VENV/bin:$PATH"
+            "$PY" -m pip wheel --no-build-isolation --no-deps -v . -w "$WHEEL_DIR.tmp"
+        ) > "$LOG" 2>&1 &
+        build_pid=$!
+        while kill -0 "$build_pid" 2>/dev/null; do
+            sleep 60
+            kill -0 "$build_pid" 2>/dev/null && say "  still building mmcv ($(( ($(date +%s) - start) / 60 )) min so far; compiled $(grep -o '\[[0-9]*/[0-9]*\]' "$LOG" | tail -n 1 | tr -d '[]' || true))"
+        done
+        if ! wait "$build_pid"; then
+            say "mmcv build FAILED; see the log: $LOG"
+            tail -n 20 "$LOG" >&2
+            exit 1
+        fi
+        rm -rf "$WHEEL_DIR" && mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"
+        say "mmcv built in $(( ($(date +%s) - start) / 60 )) min; cached in $WHEEL_DIR"
+    else
+        say "using the cached mmcv wheel from $WHEEL_DIR"
+    fi
+    "${PIP[@]}" install -c "$CONSTRAINTS" --force-reinstall --no-deps "$WHEEL_DIR"/mmcv-*.whl
+    "${PIP[@]}" install -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf opencv-python
+fi
+
+if ! have "mmdet==$MMDET_VERSION" "birder==$BIRDER_VERSION"; then
+    say "installing mmdet $MMDET_VERSION, pycocotools, and birder $BIRDER_VERSION + safetensors (test reference)"
+    "${PIP[@]}" install -c "$CONSTRAINTS" "mmdet==$MMDET_VERSION" pycocotools \
+        "birder==$BIRDER_VERSION" safetensors pytest
+fi
+# birder asks for a newer setuptools; mmcv and mmengine's mmdet:: lookup still import pkg_resources.
+"${PIP[@]}" install -c "$CONSTRAINTS" "$SETUPTOOLS_PIN"
+
+"${PIP[@]}" install -c "$CONSTRAINTS" --no-deps --no-build-isolation -e "$ROOT"
+
+"$PY" -c "import hieradet_mmdet, mmdet, torch; from mmcv.ops import nms, RoIAlign; print('[setup] ready: torch', torch.__version__, '| mmdet', mmdet.__version__)"
