@@ -1,1 +1,18 @@
-"""HieraDet backbone for MMDetection 3.x."""
+"""HieraDet as an MMDetection 3.x backbone.
+
+``import hieradet_mmdet`` (or ``custom_imports=dict(imports=['hieradet_mmdet'])``) registers
+``type='HieraDet'`` in MMDetection's model registry. The model itself lives in
+:mod:`hieradet_mmdet.hieradet` and needs only PyTorch.
+"""
+
+from .hieradet import ARCH_NAMES, HieraDet
+
+__version__ = "0.1.0"
+__all__ = ["ARCH_NAMES", "HieraDet", "HieraDetBackbone"]
+
+try:
+    from .backbone import HieraDetBackbone
+except ImportError as err:  # the pure-PyTorch model stays usable without OpenMMLab
+    if err.name not in ("mmdet", "mmengine", "mmcv") and not str(err.name).startswith(("mmdet.", "mmengine.", "mmcv.")):
+        raise
+    HieraDetBackbone = None
