@@ -12,6 +12,9 @@ __all__ = ["ARCH_NAMES", "HieraDet", "HieraDetBackbone"]
 
 try:
     from .backbone import HieraDetBackbone
+    from .safe_load import register_safe_globals
+
+    register_safe_globals()
 except ImportError as err:  # the pure-PyTorch model stays usable without OpenMMLab
     if err.name not in ("mmdet", "mmengine", "mmcv") and not str(err.name).startswith(("mmdet.", "mmengine.", "mmcv.")):
         raise
