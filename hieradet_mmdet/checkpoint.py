@@ -35,6 +35,13 @@ from .pretrained import PretrainedWeights, resolve_source
 
 logger = logging.getLogger(__name__)
 
+try:  # MMDetection checkpoints carry numpy / HistoryBuffer objects that must be allowlisted
+    from .safe_load import register_safe_globals
+
+    register_safe_globals()
+except ImportError:  # without mmengine there are no such checkpoints to read
+    pass
+
 CLASSIFIER_PREFIXES = ("norm.", "head.")  # the classification head on top of the trunk
 _BIRDER_BLOCK = re.compile(r"body\.stage(\d)\.(\d+)\.(.*)")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
@@ -128,13 +135,15 @@ def _read_file(path: Path) -> tuple[Any, Optional[dict]]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True), None
     except pickle.UnpicklingError as err:
-        if "GLOBAL" in str(err):
+        unsafe_global = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if unsafe_global:
             raise CheckpointError(
-                f"{path}: refused to load: it holds Python objects that unpickling would have to "
-                f"construct or call ({_unsafe_reason(err)}). Checkpoints are only read with "
+                f"{path}: refused to load: unpickling it would import and call {unsafe_global.group(1)}, "
+                "which a checkpoint of tensors never needs. Checkpoints are only read with "
                 "torch.load(weights_only=True), so a file can never run code here.") from None
+        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), type(err).__name__)
         raise CheckpointError(f"{path}: not a PyTorch checkpoint that can be read safely "
-                              f"({_unsafe_reason(err)}; the file starts with {head[:8]!r}).") from None
+                              f"({reason}; the file starts with {head[:8]!r}).") from None
     except Exception as err:  # truncated zip, text, random bytes: torch raises many types
         raise CheckpointError(f"{path}: not a readable PyTorch or safetensors checkpoint; it may be truncated "
                               f"or another kind of file (starts with {head[:8]!r}): "
@@ -159,12 +168,6 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): {err}") from None
     return state, metadata
-
-
-def _unsafe_reason(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines()]
-    useful = [line for line in lines if line.startswith(("Trying to load unsupported GLOBAL", "Unsupported"))]
-    return useful[0] if useful else (lines[-1] if lines else type(err).__name__)
 
 
 def _unwrap(content: Any, file_metadata: Optional[dict]) -> tuple[dict, dict]:
@@ -349,11 +352,28 @@ def fit_trunk_state(model: nn.Module, checkpoint: LoadedCheckpoint) -> dict[str,
             if len(mismatched) > 20:
                 lines.append(f"    ... and {len(mismatched) - 20} more")
         if missing:
-            lines.append(f"Missing from the checkpoint ({len(missing)} keys): {_preview(missing, 20)}")
+            lines.append(f"Missing from the checkpoint ({len(missing)} keys): "
+                         f"{_preview(_group_by_block(missing, expected), 20)}")
         if unexpected:
-            lines.append(f"In the checkpoint but not in the model ({len(unexpected)} keys): {_preview(unexpected, 20)}")
+            lines.append(f"In the checkpoint but not in the model ({len(unexpected)} keys): "
+                         f"{_preview(_group_by_block(unexpected, state), 20)}")
         raise CheckpointError("\n".join(lines))
     return fitted
+
+
+def _group_by_block(keys: Sequence[str], all_keys: Sequence[str]) -> list[str]:
+    """Keys, with 'blocks.N.*' standing for all of a block's keys when all of them are listed."""
+    listed = set(keys)
+    out = []
+    for key in keys:
+        m = _BLOCK.match(key)
+        block = m.group(0) if m else None
+        if block and all(k in listed for k in all_keys if k.startswith(block)):
+            if block + "*" not in out:
+                out.append(block + "*")
+        else:
+            out.append(key)
+    return out
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
