@@ -390,3 +390,45 @@ def test_url_downloads_into_cache_by_file_name(birder_files, hub_dir):
         read_checkpoint(offline)
     assert str(hub_dir / "elsewhere.pt") in str(info.value)
     assert not (hub_dir / "elsewhere.pt").exists()
+
+
+# --- Through MMDetection: init_cfg of a real detector, and that detector's own checkpoint ---
+
+
+def small_retinanet(init_cfg):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    return MODELS.build(dict(
+        type="RetinaNet",
+        data_preprocessor=dict(type="DetDataPreprocessor", mean=[0, 0, 0], std=[1, 1, 1], pad_size_divisor=32),
+        backbone=dict(type="HieraDet", arch="d_small", out_indices=(1, 2, 3), init_cfg=init_cfg),
+        neck=dict(type="FPN", in_channels=[192, 384, 768], out_channels=32, num_outs=3),
+        bbox_head=dict(
+            type="RetinaHead", num_classes=2, in_channels=32, stacked_convs=1, feat_channels=32,
+            anchor_generator=dict(type="AnchorGenerator", octave_base_scale=4, scales_per_octave=1,
+                                  ratios=[1.0], strides=[8, 16, 32]),
+            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
+            loss_cls=dict(type="FocalLoss", use_sigmoid=True), loss_bbox=dict(type="L1Loss")),
+        test_cfg=dict(nms_pre=100, score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=10)))
+
+
+def test_detector_init_cfg_and_its_saved_checkpoint(birder_files, reference_features, tmp_path):
+    from mmengine.runner.checkpoint import get_state_dict, save_checkpoint, weights_to_cpu
+
+    x, ref = reference_features[("d_small", (96, 160))]
+    detector = small_retinanet(dict(type="Pretrained", checkpoint=str(birder_files["pt"])))
+    detector.init_weights()
+    detector.eval()
+    with torch.no_grad():
+        assert_close_rel(detector.backbone(x), ref[1:])
+
+    # What mmengine's Runner writes for this detector, read back through another init_cfg.
+    path = tmp_path / "epoch_1.pth"
+    save_checkpoint({"meta": {"epoch": 1}, "state_dict": weights_to_cpu(get_state_dict(detector))}, str(path))
+    fresh = small_retinanet(dict(type="Pretrained", checkpoint=str(path)))
+    fresh.init_weights()
+    fresh.eval()
+    with torch.no_grad():
+        assert_close_rel(fresh.backbone(x), ref[1:])
