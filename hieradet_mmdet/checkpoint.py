@@ -192,16 +192,19 @@ def _birder_metadata(raw: Mapping, from_json: bool) -> dict:
     if from_json and "signature" not in raw:
         return {"format": "safetensors"}
     metadata: dict[str, Any] = {"format": "birder-safetensors" if from_json else "birder"}
-    for key, value in raw.items():
-        if key == "state":
-            continue
-        if from_json and key in ("class_to_idx", "signature", "rgb_stats", "config", "backbone_config"):
-            value = json.loads(value) if value else None
-        metadata[key] = value
-    signature = metadata.get("signature")
-    if signature:
-        metadata["size"] = tuple(int(x) for x in signature["inputs"][0]["data_shape"][2:4])
-        metadata["num_classes"] = int(signature.get("num_labels", signature["outputs"][0]["data_shape"][1]))
+    try:
+        for key, value in raw.items():
+            if key == "state":
+                continue
+            if from_json and key in ("class_to_idx", "signature", "rgb_stats", "config", "backbone_config"):
+                value = json.loads(value) if value else None
+            metadata[key] = value
+        signature = metadata.get("signature")
+        if signature:
+            metadata["size"] = tuple(int(x) for x in signature["inputs"][0]["data_shape"][2:4])
+            metadata["num_classes"] = int(signature.get("num_labels", signature["outputs"][0]["data_shape"][1]))
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise CheckpointError(f"its birder metadata (signature, class_to_idx, ...) is malformed: {err!r}") from None
     return metadata
 
 

@@ -50,7 +50,8 @@ class HieraDetClassifier(nn.Module):
         file, a URL, or a plain state dict holding ``norm.*`` and ``head.*``.
 
         The layout (windowed 'small' vs global 'd_small') is not visible in the weights; it is
-        taken from ``arch``, else the checkpoint's network name, else assumed to be 'd_'."""
+        taken from ``arch``, else the checkpoint's network name, else assumed to be 'd_'.
+        A checkpoint without birder's metadata gets ImageNet statistics and 224x224 inputs."""
         checkpoint = read_checkpoint(source, progress=progress)
         if not checkpoint.has_head:
             raise CheckpointError(f"{checkpoint.name} has no classification head (norm.* and head.* or birder's "
