@@ -13,8 +13,11 @@ __all__ = ["ARCH_NAMES", "HieraDet", "HieraDetBackbone"]
 try:
     from .backbone import HieraDetBackbone
     from .safe_load import register_safe_globals
+    from . import optim  # noqa: F401  (registers HieraDetLayerDecayConstructor)
+    from .validate import check_detector, install_build_checks
 
     register_safe_globals()
+    install_build_checks()  # neck vs. HieraDet channels, checked while any detector is built
 except ImportError as err:  # the pure-PyTorch model stays usable without OpenMMLab
     if err.name not in ("mmdet", "mmengine", "mmcv") and not str(err.name).startswith(("mmdet.", "mmengine.", "mmcv.")):
         raise
