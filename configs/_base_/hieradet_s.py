@@ -1,0 +1,46 @@
+# Shared HieraDet-S settings for this repo's detection configs (one place to change them).
+#
+# MMEngine does not allow two sibling `_base_` files to define the same key, and MMDetection's
+# own model/schedule bases already define `model` and `optim_wrapper`. So this file exports
+# `hieradet_*` variables, and each config applies them with `_base_.hieradet_*`.
+
+custom_imports = dict(imports=['hieradet_mmdet'], allow_failed_imports=False)
+
+# Backbone output channels at strides 4, 8, 16, 32 (HieraDet-S: 96 * 2**stage).
+hieradet_s_channels = [96, 192, 384, 768]
+
+# 'small' is SAM2's windowed layout (global attention only in blocks 7, 10, 13), which keeps
+# the cost linear in the image size at detection resolutions. The DINOv2 weights were trained
+# with 'd_small' (global attention from stage 3 on); both layouts share the same parameters.
+hieradet_s_backbone = dict(
+    type='HieraDet',
+    arch='small',
+    out_indices=(0, 1, 2, 3),
+    frozen_stages=-1,
+    drop_path_rate=0.2,
+    with_cp=False,  # True recomputes block activations in backward: less memory, slower steps
+    init_cfg=dict(type='Pretrained', checkpoint='hieradet_d_small_dino-v2-imagenet12k'))
+
+# Normalisation of the checkpoint: birder's default RGB statistics ("birder" rgb mode, which
+# the published HieraDet-S DINOv2 / ImageNet-12K recipe trained with), times 255 because
+# MMDetection normalises 0-255 pixels. Images are loaded BGR by mmcv, hence bgr_to_rgb.
+hieradet_data_preprocessor = dict(
+    mean=[0.5191 * 255, 0.5306 * 255, 0.4877 * 255],
+    std=[0.2316 * 255, 0.2304 * 255, 0.2588 * 255],
+    bgr_to_rgb=True)
+
+# AdamW transformer recipe: lr 1e-4 for a total batch of 16 (set auto_scale_lr in the config),
+# no weight decay on norms, biases and position embeddings, layer-wise lr decay over the
+# 16 backbone blocks (embeddings at 0.85**17 ~ 0.06x, last block 0.85x, neck and heads 1x).
+hieradet_optim_wrapper = dict(
+    type='OptimWrapper',  # `tools/train.py --amp` switches this to AmpOptimWrapper
+    constructor='HieraDetLayerDecayConstructor',
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    paramwise_cfg=dict(
+        layer_decay_rate=0.85,
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        pos_embed_decay_mult=0.0),
+    clip_grad=None)
+
+hieradet_auto_scale_lr = dict(enable=True, base_batch_size=16)
