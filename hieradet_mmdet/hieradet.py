@@ -12,6 +12,7 @@ part in attention, and the first block of a stage uses the previous stage's wind
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -94,34 +95,184 @@ def block_window_sizes(depths: Sequence[int], window_spec: Sequence[int],
     return [0 if i in global_att_blocks else w for i, w in enumerate(sizes)]
 
 
-def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
-    """2x2/stride-2 max pooling of a channels-last map (floor mode), without layout copies."""
-    b, h, w, c = x.shape
+def _first_blocks(depths: Sequence[int]) -> set[int]:
+    """Indices of the q-pool blocks (the first block of every stage after the first)."""
+    return {sum(depths[:s]) for s in range(1, len(depths))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Token order.
+#
+# The trunk keeps its tokens as a flat (B, N, C) stream whose order is chosen per run of blocks
+# (a TokenLayout) so that the blocks need no per-block partition / unpartition copies:
+#   * windowed attention only needs the tokens of a window to be adjacent; inside a window any
+#     order works, as attention (without position bias) is permutation-equivariant;
+#   * global attention takes any order of the real tokens;
+#   * q-pooling needs the four members of every 2x2 cell; we store them as four contiguous
+#     "planes", so pooling is a max over four equal blocks (which then is already in the order
+#     the following blocks want), recursively for several pooling levels;
+#   * LayerNorm, the MLP and the residual adds are per token.
+# Windows are padded: pad slots hold a copy of a real token (so they stay finite) and are set
+# to zero after norm1, exactly as birder pads the normalised map with zeros; what the pad slots
+# compute is never read. A gather (index_select over whole rows) converts between layouts only
+# where the next block needs a different one, and for the stage outputs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _plane_order(h: int, w: int, levels: int) -> torch.Tensor:
+    """Row-major positions of an h x w grid in "plane" order for ``levels`` rounds of 2x2 pooling:
+    the four members (dy, dx) of every 2x2 cell go to four consecutive equal blocks, each block
+    itself in plane order for the next level; cells a floor-mode pooling drops go last."""
+    if levels == 0 or h < 2 or w < 2:
+        return torch.arange(h * w)
     h2, w2 = h // 2, w // 2
-    return x[:, :h2 * 2, :w2 * 2].reshape(b, h2, 2, w2, 2, c).amax(dim=(2, 4))
+    inner = _plane_order(h2, w2, levels - 1)
+    r, c = inner // w2, inner % w2
+    planes = [(2 * r + dy) * w + (2 * c + dx) for dy in (0, 1) for dx in (0, 1)]
+    rows, cols = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    tail = ((rows >= 2 * h2) | (cols >= 2 * w2)).flatten().nonzero().flatten()
+    return torch.cat(planes + [tail])
 
 
-def window_partition(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * nH * nW, size, size, C), zero-padding H and W up to multiples of size."""
-    b, h, w, c = x.shape
-    pad_h, pad_w = -h % size, -w % size
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    nh, nw = (h + pad_h) // size, (w + pad_w) // size
-    x = x.view(b, nh, size, nw, size, c).transpose(2, 3)
-    return x.reshape(b * nh * nw, size, size, c)
+class TokenLayout:
+    """How a (B, N, C) token stream stores an h x w map.
+
+    ``window`` > 0: windows of window x window tokens on a (nh, nw) grid, one after the other,
+    padded at the bottom / right; ``window`` == 0: one group holding all tokens, no padding.
+    ``levels``: how many 2x2 q-poolings the order inside a group supports (see _plane_order)."""
+
+    def __init__(self, h: int, w: int, window: int, levels: int, grid: Optional[tuple[int, int]] = None) -> None:
+        self.h, self.w, self.window, self.levels = h, w, window, levels
+        if window > 0:
+            self.grid = grid or (-(-h // window), -(-w // window))
+            nh, nw = self.grid
+            inner = _plane_order(window, window, levels)
+            rows = (torch.arange(nh) * window)[:, None, None] + (inner // window)[None, None, :]
+            cols = (torch.arange(nw) * window)[None, :, None] + (inner % window)[None, None, :]
+            rows, cols = rows.expand(nh, nw, -1).flatten(), cols.expand(nh, nw, -1).flatten()
+            pad = (rows >= h) | (cols >= w)
+            self.src = rows.clamp(max=h - 1) * w + cols.clamp(max=w - 1)
+            self.groups = nh * nw
+        else:
+            self.grid = None
+            self.src = _plane_order(h, w, levels)
+            pad = torch.zeros(self.src.shape, dtype=torch.bool)
+            self.groups = 1
+        self.n = self.src.numel()
+        self.has_pad = bool(pad.any())
+        self.pad_mask = pad[:, None] if self.has_pad else None
+        # The pad slots as runs of consecutive slots: zeroing a few slices is cheaper than a mask.
+        edge = torch.zeros(1, dtype=torch.bool)
+        starts = (pad & ~torch.cat([edge, pad[:-1]])).nonzero().flatten().tolist()
+        stops = (pad & ~torch.cat([pad[1:], edge])).nonzero().flatten().add(1).tolist()
+        self.pad_runs = list(zip(starts, stops))
+        real = ~pad
+        self.inv = torch.empty(h * w, dtype=torch.long)  # map position -> slot
+        self.inv[self.src[real]] = torch.arange(self.n)[real]
+        self.plain = not self.has_pad and torch.equal(self.src, torch.arange(h * w))
+
+    def to(self, device: torch.device) -> "TokenLayout":
+        """This layout with its index tensors on ``device`` (cached)."""
+        device = torch.device(device)
+        if self.src.device == device:
+            return self
+        cache = self.__dict__.setdefault("_on", {})
+        if device not in cache:
+            moved = object.__new__(TokenLayout)
+            moved.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_on"})
+            for name in ("src", "inv", "pad_mask"):
+                if getattr(self, name) is not None:
+                    setattr(moved, name, getattr(self, name).to(device))
+            cache[device] = moved
+        return cache[device]
+
+    def pooled(self) -> "TokenLayout":
+        """The layout a q-pool block writes: the max over the first level of planes."""
+        if self.window:
+            return TokenLayout(self.h // 2, self.w // 2, self.window // 2, self.levels - 1, self.grid)
+        return TokenLayout(self.h // 2, self.w // 2, 0, self.levels - 1)
+
+    def pooled_per_group(self) -> int:
+        """Query tokens per group after a q-pool (each of the four planes holds that many)."""
+        return (self.window // 2) ** 2 if self.window else (self.h // 2) * (self.w // 2)
+
+    def index_from(self, other: Optional["TokenLayout"]) -> Optional[torch.Tensor]:
+        """Slots of ``other`` (None: the row-major map) to gather to get this layout; None if equal."""
+        index = self.src if other is None else other.inv[self.src]
+        return None if torch.equal(index, torch.arange(index.numel())) and (other is None or other.n == self.n) \
+            else index
 
 
-def window_unpartition(windows: torch.Tensor, grid: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
-    """Inverse of window_partition for a (nH, nW) window grid, cropped to out_hw."""
-    nh, nw = grid
-    size, c = windows.shape[1], windows.shape[-1]
-    b = windows.shape[0] // (nh * nw)
-    x = windows.view(b, nh, nw, size, size, c).transpose(2, 3).reshape(b, nh * size, nw * size, c)
-    h, w = out_hw
-    if x.shape[1] != h or x.shape[2] != w:
-        x = x[:, :h, :w]
-    return x
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[:, index] for a (B, N, C) stream, as one row gather."""
+    b, n, c = x.shape
+    if b > 1:
+        index = (torch.arange(b, device=index.device) * n)[:, None].add(index[None]).flatten()
+    return x.reshape(b * n, c).index_select(0, index).view(b, -1, c)
+
+
+def _pool_planes(x: torch.Tensor, groups: int, m: int) -> torch.Tensor:
+    """2x2 max pooling in plane order: the max over the first four blocks of m tokens of every group.
+    x: (B * groups, tokens per group, ...) -> (B * groups, m, ...)."""
+    return x[:, :4 * m].unflatten(1, (4, m)).amax(1)
+
+
+# Inference-only fused CPU linears (bias, GELU and the residual add done by oneDNN in the matmul):
+# the same kernels inductor uses. Probed once; HIERADET_FUSED_LINEAR=0 turns them off.
+_FUSED_STATE: dict[str, bool] = {}
+
+
+def fused_linear_available() -> bool:
+    if "ok" not in _FUSED_STATE:
+        ok = os.environ.get("HIERADET_FUSED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+        if ok:
+            try:
+                with torch.no_grad():
+                    x, w, b, r = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6), torch.randn(5, 6)
+                    g = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+                    a = torch.ops.mkldnn._linear_pointwise.binary(x, r, w, b, "add")
+                    ok = (torch.allclose(g, F.gelu(F.linear(x, w, b)), atol=1e-5)
+                          and torch.allclose(a, r + F.linear(x, w, b), atol=1e-5))
+            except Exception:  # an op missing or refusing in this build: use the plain path
+                ok = False
+        _FUSED_STATE["ok"] = ok
+    return _FUSED_STATE["ok"]
+
+
+def set_fused_linear(enabled: Optional[bool]) -> Optional[bool]:
+    """Turn the fused inference linears off (False) or back to auto-detection (None / True);
+    returns the previous setting. E.g. FLOP counters only see plain aten linears."""
+    previous = _FUSED_STATE.pop("ok", None)
+    if enabled is False:
+        _FUSED_STATE["ok"] = False
+    return previous
+
+
+def _use_fused(x: torch.Tensor) -> bool:
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and fused_linear_available())
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear, fused: bool, gelu: bool = False) -> torch.Tensor:
+    if fused:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias,
+                                               "gelu" if gelu else "none", [], "none" if gelu else "")
+        return y.view(*x.shape[:-1], -1)
+    y = layer(x)
+    return F.gelu(y) if gelu else y
+
+
+def _linear_residual(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor, fused: bool,
+                     rate: float = 0.0, training: bool = False) -> torch.Tensor:
+    """residual + drop_path(layer(x))."""
+    if fused:
+        return torch.ops.mkldnn._linear_pointwise.binary(
+            x.reshape(-1, x.shape[-1]), residual.reshape(-1, residual.shape[-1]),
+            layer.weight, layer.bias, "add").view(residual.shape)
+    y = drop_path(layer(x), rate, training)
+    if not torch.is_grad_enabled() and y.dtype == residual.dtype:
+        return y.add_(residual)  # y is ours; saves an allocation
+    return residual + y
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -145,7 +296,8 @@ class Mlp(nn.Module):
 
 
 class MultiScaleAttention(nn.Module):
-    """Multi-head self-attention over a (B, H, W, C) map; optionally pools the queries 2x2."""
+    """Multi-head self-attention inside groups of tokens (windows, or all tokens); with ``q_pool``
+    the queries are max-pooled 2x2 (the token order must be a TokenLayout with plane levels)."""
 
     def __init__(self, dim: int, dim_out: int, num_heads: int, q_pool: bool) -> None:
         super().__init__()
@@ -154,20 +306,27 @@ class MultiScaleAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim_out * 3)
         self.proj = nn.Linear(dim_out, dim_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, _ = x.shape
-        qkv = self.qkv(x)
+    def attend(self, x: torch.Tensor, groups: int, pooled: int, fused: bool) -> torch.Tensor:
+        """(B, N, C) -> attention output before ``proj``: (B, groups * queries per group, dim_out)."""
+        b, n, _ = x.shape
+        qkv = _linear(x, self.qkv, fused)
+        head_dim = qkv.shape[-1] // (3 * self.num_heads)
+        # q, k, v stay strided views of qkv: SDPA reads them in place.
+        q, k, v = qkv.view(b * groups, n // groups, 3, self.num_heads, head_dim).unbind(2)
         if self.q_pool:
-            q, kv = qkv.split([qkv.shape[-1] // 3, 2 * qkv.shape[-1] // 3], dim=-1)
-            q = max_pool_2x2(q)
-            h, w = q.shape[1:3]
-            q = q.reshape(b, h * w, self.num_heads, -1).transpose(1, 2)
-            k, v = kv.reshape(b, -1, 2, self.num_heads, q.shape[-1]).permute(2, 0, 3, 1, 4)
-        else:
-            q, k, v = qkv.reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        x = x.transpose(1, 2).reshape(b, h, w, -1)
-        return self.proj(x)
+            q = _pool_planes(q, groups, pooled)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return x.transpose(1, 2).reshape(b, -1, self.num_heads * head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Global attention over a (B, H, W, C) map (q-pooling it 2x2 with ``q_pool``)."""
+        b, h, w, _ = x.shape
+        layout = TokenLayout(h, w, 0, 1 if self.q_pool else 0).to(x.device)
+        tokens = _gather_tokens(x.reshape(b, h * w, -1), layout.src) if self.q_pool else x.reshape(b, h * w, -1)
+        out = self.proj(self.attend(tokens, 1, layout.pooled_per_group(), fused=False))
+        if self.q_pool:
+            h, w = h // 2, w // 2
+        return out.view(b, h, w, -1)
 
 
 class MultiScaleBlock(nn.Module):
@@ -183,24 +342,81 @@ class MultiScaleBlock(nn.Module):
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio))
         self.proj = nn.Linear(dim, dim_out) if dim != dim_out else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Optional["_Step"] = None) -> torch.Tensor:
+        """x: a (B, N, C) token stream laid out as ``step`` says (see HieraDet._plan), or a
+        (B, H, W, C) map (then converted here and back)."""
+        if step is None:
+            b, h, w, _ = x.shape
+            step = _Step.single(self, h, w).to(x.device)
+            x = self.forward(x.reshape(b, h * w, -1), step)
+            return x.view(b, step.after.h, step.after.w, -1)
+
+        fused = _use_fused(x) and not (self.training and self.drop_path_rate > 0)
+        rate, training = self.drop_path_rate, self.training
+        win = step.win
+        attn_layout = win if win is not None else step.layout
+        groups = attn_layout.groups if (self.window_size > 0 or win is not None) else 1
+        pooled = attn_layout.pooled_per_group() if self.q_pool else 0
+
+        xn = self.norm1(x)
+        if win is not None:
+            # Windows that need padding: gather the normalised tokens into padded windows and zero
+            # the pad slots (birder zero-pads the normalised map); the pads are dropped again below.
+            xn = _gather_tokens(xn, step.win_in)
+            if len(win.pad_runs) <= 32:
+                for start, stop in win.pad_runs:
+                    xn[:, start:stop] = 0.0
+            elif win.has_pad:
+                xn = xn.masked_fill_(win.pad_mask, 0.0)
         shortcut = x
-        x = self.norm1(x)
         if self.proj is not None:
-            shortcut = self.proj(x)
+            shortcut = _linear(xn, self.proj, fused)
             if self.q_pool:
-                shortcut = max_pool_2x2(shortcut)
+                b, n, c = shortcut.shape
+                shortcut = _pool_planes(shortcut.view(b * groups, n // groups, c), groups, pooled).view(b, -1, c)
+        y = self.attn.attend(xn, groups, pooled, fused)
+        if win is not None and not self.q_pool:
+            y = _gather_tokens(y, step.win_out)  # back to the stream before proj: no work on pads
+        x = _linear_residual(y, self.attn.proj, shortcut, fused, rate, training)
+        if win is not None and self.q_pool:
+            x = _gather_tokens(x, step.win_out)  # the pooled windows, into the next stream layout
+        h = _linear(self.norm2(x), self.mlp.fc1, fused, gelu=True)
+        return _linear_residual(h, self.mlp.fc2, x, fused, rate, training)
 
-        if self.window_size > 0:
-            size = self.window_size
-            grid = (-(-x.shape[1] // size), -(-x.shape[2] // size))
-            x = self.attn(window_partition(x, size))
-            x = window_unpartition(x, grid, shortcut.shape[1:3])
-        else:
-            x = self.attn(x)
 
-        x = shortcut + drop_path(x, self.drop_path_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+class _Step:
+    """How one block runs: ``convert`` gathers the stream into ``layout`` before it (None: it is
+    already); ``win`` (padded windows) with the gathers ``win_in`` / ``win_out`` when its windows
+    need padding (or for a lone block); ``after`` is the stream layout it leaves."""
+    __slots__ = ("convert", "layout", "win", "win_in", "win_out", "after")
+
+    def __init__(self, convert, layout, after, win=None, win_in=None, win_out=None) -> None:
+        self.convert, self.layout, self.after = convert, layout, after
+        self.win, self.win_in, self.win_out = win, win_in, win_out
+
+    def to(self, device: torch.device) -> "_Step":
+        move = lambda t: None if t is None else t.to(device)
+        return _Step(move(self.convert), self.layout.to(device), self.after.to(device),
+                     None if self.win is None else self.win.to(device), move(self.win_in), move(self.win_out))
+
+    @staticmethod
+    def padded(block: "MultiScaleBlock", layout: TokenLayout, after: Optional[TokenLayout] = None) -> "_Step":
+        """A block attending in padded windows (or, global, in plane order) gathered from ``layout``."""
+        h, w = layout.h, layout.w
+        win = TokenLayout(h, w, block.window_size, int(block.q_pool))
+        if block.q_pool:
+            pooled = win.pooled()
+            after = after or TokenLayout(h // 2, w // 2, 0, 0)
+            return _Step(None, layout, after, win, layout.inv[win.src], pooled.inv[after.src])
+        return _Step(None, layout, layout, win, layout.inv[win.src], win.inv[layout.src])
+
+    @staticmethod
+    def single(block: "MultiScaleBlock", h: int, w: int) -> "_Step":
+        """A lone block on a row-major (h, w) map."""
+        plain = TokenLayout(h, w, 0, 0)
+        if block.window_size == 0 and not block.q_pool:
+            return _Step(None, plain, plain)
+        return _Step.padded(block, plain)
 
 
 class HieraDet(nn.Module):
@@ -241,6 +457,11 @@ class HieraDet(nn.Module):
         self.pos_embed_window = nn.Parameter(torch.zeros(1, embed_dim, WINDOW_POS_SIZE, WINDOW_POS_SIZE))
 
         windows = block_window_sizes(depths, self.arch["window_spec"], self.arch["global_att_blocks"])
+        odd = [i for i, s in enumerate(windows) if i in _first_blocks(depths) and s % 2]
+        if odd:
+            raise ValueError(f"HieraDet blocks {odd} pool their queries 2x2 inside windows of odd size "
+                             f"{[windows[i] for i in odd]}; such windows do not tile after pooling. Use even "
+                             "sizes (or 0, global) in window_spec for stages that a later stage follows.")
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.blocks = nn.ModuleList()
         self.stage_ends = []
@@ -259,6 +480,8 @@ class HieraDet(nn.Module):
         self.out_channels = [self.channels[i] for i in self.out_indices]
         self.out_strides = [PATCH_STRIDE * Q_STRIDE ** i for i in self.out_indices]
         self._pos_cache: Optional[tuple] = None
+        self._pos_layout_cache: Optional[tuple] = None
+        self._plans: dict[tuple, list[_Step]] = {}
 
         self.reset_parameters()
         self._freeze_stages()
@@ -297,27 +520,127 @@ class HieraDet(nn.Module):
             self._pos_cache = (key, pos.detach())
         return pos
 
-    def forward_tokens(self, x: torch.Tensor, stop_block: Optional[int] = None):
-        """Yields (block index, channels-last tokens) after every block."""
-        x = self.patch_embed(x).permute(0, 2, 3, 1)
-        x = x + self.position_embedding(x.shape[1], x.shape[2])
-        use_cp = self.with_cp and torch.is_grad_enabled() and self.training
+    def _plan(self, h: int, w: int, device: torch.device) -> list[_Step]:
+        """Per block: the gather before it, its token layout, and the gather to (h, w) after it."""
+        key = (h, w, str(device))
+        if key not in self._plans:
+            self._plans[key] = [s.to(device) for s in self._build_plan(h, w)]
+        return self._plans[key]
+
+    def _build_plan(self, h: int, w: int) -> list[_Step]:
+        """The token stream is never padded. A block whose windows tile its map runs directly on a
+        stream laid out in those windows (with plane levels for the q-poolings ahead), so runs of
+        such blocks need no copies; a block whose windows need padding gathers into padded
+        windows and back; global blocks take any order (a global q-pool needs plane order)."""
+        steps = []
+        layout = TokenLayout(h, w, 0, 0)  # the row-major map the patch embedding gives
         for i, block in enumerate(self.blocks):
-            if use_cp and any(p.requires_grad for p in block.parameters()):
-                x = checkpoint(block, x, use_reentrant=False)
+            s = block.window_size
+            if s > 0 and (h % s or w % s):
+                nxt = self._layout_for(i + 1, h // 2, w // 2) if block.q_pool and i + 1 < len(self.blocks) else None
+                steps.append(_Step.padded(block, layout, nxt))
             else:
-                x = block(x)
-            yield i, x
+                convert = None
+                fits = (layout.window == s and (not block.q_pool or layout.levels >= 1)) if s > 0 else \
+                    (not block.q_pool or (layout.window == 0 and layout.levels >= 1))
+                if not fits:
+                    new = self._layout_for(i, h, w)
+                    convert, layout = new.index_from(layout), new
+                steps.append(_Step(convert, layout, layout.pooled() if block.q_pool else layout))
+            layout = steps[-1].after
+            if block.q_pool:
+                h, w = h // 2, w // 2
+        return steps
+
+    def _layout_for(self, i: int, h: int, w: int) -> TokenLayout:
+        """The stream layout block ``i`` wants on an h x w map (row-major if it takes any)."""
+        block = self.blocks[i]
+        s = block.window_size
+        if (s > 0 and not (h % s or w % s)) or (s == 0 and block.q_pool):
+            return TokenLayout(h, w, s, self._chain_levels(i, h, w))
+        return TokenLayout(h, w, 0, 0)
+
+    def _chain_levels(self, first: int, h: int, w: int) -> int:
+        """How many q-poolings a layout made for block ``first`` can serve before a block needs a
+        different layout: the plane levels to give it."""
+        window, levels = self.blocks[first].window_size, 0
+        for j in range(first, len(self.blocks)):
+            block = self.blocks[j]
+            s = block.window_size
+            if j > first:
+                if s > 0 and not (h % s or w % s):
+                    ok = s == window and (not block.q_pool or window % 2 == 0)
+                else:  # padded windows gather themselves; global blocks take any order
+                    ok = not block.q_pool or (s == 0 and window == 0)
+                if not ok:
+                    break
+            if block.q_pool:
+                levels += 1
+                window //= 2
+                h, w = h // 2, w // 2
+        return levels
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, list[_Step]]:
+        """Patch embedding plus position embedding, in the token layout of the first block."""
+        conv = self.patch_embed
+        # A channels-last weight makes the convolution write channels-last output (and run faster
+        # on CPU), so the (B, H*W, C) tokens are a view of it.
+        x = F.conv2d(x, conv.weight.contiguous(memory_format=torch.channels_last), conv.bias, conv.stride,
+                     conv.padding)
+        b, c, h, w = x.shape
+        plan = self._plan(h, w, x.device)
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        pos = self.position_embedding(h, w).reshape(1, h * w, c)
+        index = plan[0].convert
+        if index is None:
+            return tokens + pos, plan
+        cached = self._pos_layout_cache
+        if cached is not None and cached[0] is pos and cached[1] is index:
+            pos = cached[2]
+        else:
+            pos_layout = pos.index_select(1, index)
+            if not pos.requires_grad:
+                self._pos_layout_cache = (pos, index, pos_layout)
+            pos = pos_layout
+        tokens = _gather_tokens(tokens, index)
+        if tokens.dtype == torch.result_type(tokens, pos) and not pos.requires_grad:
+            return tokens.add_(pos), plan
+        return tokens + pos, plan
+
+    def _run(self, x: torch.Tensor, stop_block: Optional[int] = None):
+        """Yields (block index, (B, N, C) stream, plan step) after every block."""
+        x, plan = self._embed(x)
+        use_cp = self.with_cp and torch.is_grad_enabled() and self.training
+        for i, (block, step) in enumerate(zip(self.blocks, plan)):
+            if i > 0 and step.convert is not None:
+                x = _gather_tokens(x, step.convert)
+            if use_cp and any(p.requires_grad for p in block.parameters()):
+                x = checkpoint(block, x, step, use_reentrant=False)
+            else:
+                x = block(x, step)
+            yield i, x, step
             if stop_block is not None and i >= stop_block:
                 return
+
+    @staticmethod
+    def _to_map(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """(B, N, C) stream -> (B, H, W, C) channels-last map (a view where the layout is row-major)."""
+        if not layout.plain:
+            x = _gather_tokens(x, layout.inv)
+        return x.view(x.shape[0], layout.h, layout.w, x.shape[-1])
+
+    def forward_tokens(self, x: torch.Tensor, stop_block: Optional[int] = None):
+        """Yields (block index, channels-last (B, H, W, C) tokens) after every block."""
+        for i, tokens, step in self._run(x, stop_block):
+            yield i, self._to_map(tokens, step.after)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         wanted = {self.stage_ends[s]: s for s in self.out_indices}
         outs = []
-        for i, tokens in self.forward_tokens(x, stop_block=max(wanted)):
+        for i, tokens, step in self._run(x, stop_block=max(wanted)):
             if i in wanted:
                 # An NCHW view of channels-last memory: convolutions take it as is, no copy.
-                outs.append(tokens.permute(0, 3, 1, 2))
+                outs.append(self._to_map(tokens, step.after).permute(0, 3, 1, 2))
         return tuple(outs)
 
     def _freeze_stages(self) -> None:
