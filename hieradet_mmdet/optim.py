@@ -23,6 +23,7 @@ The constructor builds whatever wrapper ``optim_wrapper.type`` names (``OptimWra
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import torch
@@ -194,3 +195,54 @@ def lr_scales_by_layer(decay_rate: float, num_blocks: int) -> list[float]:
 
 __all__: Iterable[str] = ["HieraDetLayerDecayConstructor", "find_hieradet", "hieradet_layer_id",
                           "lr_scales_by_layer"]
+
+
+@OPTIM_WRAPPERS.register_module()
+class AutocastOptimWrapper(OptimWrapper):
+    """Mixed precision on any device: bfloat16 autocast over the detector's feature extractor.
+
+    MMEngine's ``AmpOptimWrapper`` needs an accelerator (it asserts CUDA/NPU/MLU). bfloat16 keeps
+    fp32's exponent range, so no loss scaling is needed and this wrapper also runs on CPU
+    (AVX-512 BF16); ``tools/train.py --amp`` picks it when there is no GPU. mmcv's CPU kernels
+    (nms, RoIAlign) take only float32, so only ``autocast_modules`` (the backbone and neck, where
+    nearly all the compute is) run under autocast and hand float32 maps to the heads;
+    ``autocast_modules=None`` autocasts the whole model."""
+
+    def __init__(self, optimizer, dtype: str = "bfloat16",
+                 autocast_modules: Optional[Iterable[str]] = ("backbone", "neck"), **kwargs) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.cast_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.autocast_modules = None if autocast_modules is None else tuple(autocast_modules)
+
+    @contextmanager
+    def optim_context(self, model: nn.Module):
+        device = next(model.parameters()).device.type
+        with super().optim_context(model):
+            if self.autocast_modules is None:
+                with torch.autocast(device_type=device, dtype=self.cast_dtype):
+                    yield
+                return
+            modules = [getattr(model, name) for name in self.autocast_modules if hasattr(model, name)]
+            for module in modules:
+                module.forward = _autocast_to_float32(module.forward, device, self.cast_dtype)
+            try:
+                yield
+            finally:
+                for module in modules:
+                    del module.forward  # back to the class's forward
+
+
+def _autocast_to_float32(forward, device: str, dtype: torch.dtype):
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type=device, dtype=dtype):
+            out = forward(*args, **kwargs)
+        return _to_float32(out)
+    return wrapped
+
+
+def _to_float32(out):
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_float32(o) for o in out)
+    return out
