@@ -1,0 +1,119 @@
+"""Evaluate a checkpoint (MMDetection's ``tools/test.py`` command line).
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out RESULTS.pkl]
+                         [--show] [--show-dir DIR] [--wait-time S] [--tta]
+                         [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
+
+Prints the config's test metrics (COCO bbox AP, and segm AP for Mask R-CNN, through MMDetection's
+``CocoMetric``) and a one-line summary. The checkpoint is read with torch's weights-only loader;
+one that needs arbitrary Python objects is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(description="Test (and evaluate) a detector checkpoint")
+    parser.add_argument("config", help="config file")
+    parser.add_argument("checkpoint", help="checkpoint file")
+    parser.add_argument("--work-dir", help="where the evaluation log and metrics go")
+    parser.add_argument("--out", help="also dump the raw predictions to this .pkl file")
+    parser.add_argument("--show", action="store_true", help="show predictions in a window")
+    parser.add_argument("--show-dir", help="write pictures of the predictions to WORK_DIR/TIMESTAMP/SHOW_DIR")
+    parser.add_argument("--wait-time", type=float, default=2, help="seconds each --show picture stays up")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (config's tta_model/tta_pipeline)")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+def summary_line(metrics: dict) -> str:
+    """'bbox_mAP=0.512 bbox_mAP_50=0.801 ... segm_mAP=0.470' from the runner's metrics dict."""
+    keys = [k for k in metrics if k.split("/")[-1].endswith(("_mAP", "_mAP_50", "_mAP_75"))]
+    return " ".join(f"{k.split('/')[-1]}={float(metrics[k]):.4f}" for k in keys)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    from hieradet_mmdet.runtime import enforce_safe_loading
+
+    enforce_safe_loading()
+
+    from mmengine.config import Config
+
+    import hieradet_mmdet  # noqa: F401
+    from hieradet_mmdet.runtime import (CheckpointReadError, UnsafeCheckpointError, build_runner, check_checkpoint,
+                                        init_distributed, prepare_config)
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+
+    try:
+        check_checkpoint(args.checkpoint)
+    except (UnsafeCheckpointError, CheckpointReadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.setdefault("default_scope", "mmdet")
+    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    # Backbone init weights are irrelevant (the checkpoint replaces them) and may need a download.
+    if cfg.get("model", {}).get("backbone", {}).get("init_cfg") is not None:
+        cfg.model.backbone.init_cfg = None
+
+    if args.show or args.show_dir:
+        hooks = cfg.setdefault("default_hooks", {})
+        vis = hooks.get("visualization") or dict(type="DetVisualizationHook")
+        vis.update(draw=True, show=args.show, wait_time=args.wait_time)
+        if args.show_dir:
+            vis["test_out_dir"] = args.show_dir
+        hooks["visualization"] = vis
+
+    if args.tta:
+        if "tta_model" not in cfg or "tta_pipeline" not in cfg:
+            print("error: --tta needs tta_model and tta_pipeline in the config", file=sys.stderr)
+            return 2
+        cfg.model = dict(**cfg.tta_model, module=cfg.model)
+        loader = cfg.test_dataloader
+        dataset = loader.dataset
+        while "dataset" in dataset:  # dataset wrappers
+            dataset = dataset.dataset
+        dataset.pipeline = cfg.tta_pipeline
+
+    if args.out:
+        if not args.out.endswith((".pkl", ".pickle")):
+            print("error: --out must be a .pkl/.pickle file", file=sys.stderr)
+            return 2
+        evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
+        cfg.test_evaluator = [*evaluators, dict(type="DumpDetResults", out_file_path=args.out)]
+
+    init_distributed(args.launcher)
+    prepare_config(cfg, args.launcher)
+    runner = build_runner(cfg)
+    metrics = runner.test()
+    if runner.rank == 0:
+        print(f"[hieradet-mmdet] test metrics: {summary_line(metrics) or metrics}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Train a detector with a HieraDet backbone (MMDetection's ``tools/train.py`` command line).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--amp] [--auto-scale-lr]
+                          [--resume [CKPT]] [--cfg-options KEY=VALUE ...]
+                          [--launcher none|pytorch|slurm|mpi]
+
+Runs on CPU when there is no GPU, also data-parallel (``tools/dist_train.sh``, gloo).
+Every checkpoint is read with torch's weights-only loader; one that needs more is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(description="Train a detector (MMDetection 3.x) with HieraDet")
+    parser.add_argument("config", help="config file")
+    parser.add_argument("--work-dir", help="where logs and checkpoints go (default: ./work_dirs/CONFIG_NAME)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (needs a GPU)")
+    parser.add_argument("--auto-scale-lr", action="store_true",
+                        help="scale the lr by (GPUs x batch size) / auto_scale_lr.base_batch_size")
+    parser.add_argument("--resume", nargs="?", type=str, const="auto",
+                        help="resume from CKPT, or without a value from the latest checkpoint in the work dir")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction,
+                        help="override config entries, e.g. train_cfg.max_iters=100 'model.backbone.init_cfg=None'")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
+                        help="job launcher for distributed training")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    from hieradet_mmdet.runtime import enforce_safe_loading
+
+    enforce_safe_loading()  # before anything can call torch.load
+
+    import torch
+    from mmengine.config import Config
+    from mmengine.runner import find_latest_checkpoint
+
+    import hieradet_mmdet  # noqa: F401  (registers HieraDet, optimizer constructors, transforms)
+    from hieradet_mmdet.runtime import (CheckpointReadError, UnsafeCheckpointError, build_runner, check_checkpoint,
+                                        init_distributed, prepare_config)
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.setdefault("default_scope", "mmdet")
+    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+
+    if args.amp:
+        if not torch.cuda.is_available():
+            print("error: --amp needs a GPU (MMEngine's AmpOptimWrapper is CUDA/NPU/MLU only); "
+                  "train without --amp on CPU", file=sys.stderr)
+            return 2
+        if cfg.optim_wrapper.get("type", "OptimWrapper") == "AmpOptimWrapper":
+            print("AMP is already enabled in the config")
+        else:
+            cfg.optim_wrapper.type = "AmpOptimWrapper"
+            cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+
+    if args.auto_scale_lr:
+        if "auto_scale_lr" not in cfg or "base_batch_size" not in cfg.auto_scale_lr:
+            print("error: --auto-scale-lr needs auto_scale_lr=dict(enable=..., base_batch_size=...) in the config",
+                  file=sys.stderr)
+            return 2
+        cfg.auto_scale_lr.enable = True
+
+    if args.resume == "auto":
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+
+    # Refuse unsafe or broken checkpoints before any process group or model exists.
+    to_check = cfg.get("load_from")
+    if args.resume == "auto":
+        to_check = find_latest_checkpoint(cfg.work_dir)
+    try:
+        if to_check:
+            check_checkpoint(to_check)
+    except (UnsafeCheckpointError, CheckpointReadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    init_distributed(args.launcher)
+    prepare_config(cfg, args.launcher)
+    runner = build_runner(cfg)
+    runner.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
