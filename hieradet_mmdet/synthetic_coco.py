@@ -151,29 +151,45 @@ def generate(out_dir: str, num_train: int = 64, num_val: int = 16, size: int = 2
             for split, n in (("train", num_train), ("val", num_val))}
 
 
-def mmdet_dataset_overrides(data_root: str, with_mask: bool = True) -> dict:
+def mmdet_dataset_overrides(data_root: str, with_mask: bool = True, image_size: Optional[int] = None) -> dict:
     """Config entries that point an MMDetection COCO config (CocoDataset + CocoMetric) here.
 
     Merge the result into a config (``cfg.merge_from_dict``); it sets the data root, annotation
     files, image folders, class names/palette and the evaluator's annotation file for the train,
-    val and test loaders and evaluators.
+    val and test loaders and evaluators (val and test both use the val split). With
+    ``image_size`` the pipelines are replaced by ones that resize to that scale (and flip for
+    training) instead of COCO's 1333x800.
     """
     data_root = os.path.abspath(data_root).rstrip("/") + "/"
     metainfo = dict(classes=CLASSES, palette=PALETTE)
     metrics = ["bbox", "segm"] if with_mask else ["bbox"]
 
-    def dataset(split):
-        return dict(data_root=data_root, metainfo=metainfo, ann_file=f"annotations/instances_{split}.json",
-                    data_prefix=dict(img=f"{split}/"))
+    def dataset(split, pipeline):
+        out = dict(data_root=data_root, metainfo=metainfo, ann_file=f"annotations/instances_{split}.json",
+                   data_prefix=dict(img=f"{split}/"))
+        if pipeline is not None:
+            out["pipeline"] = pipeline
+        return out
 
     def evaluator():
         return dict(type="CocoMetric", ann_file=f"{data_root}annotations/instances_val.json", metric=metrics,
                     format_only=False)
 
+    train_pipeline = test_pipeline = None
+    if image_size is not None:
+        scale = (int(image_size), int(image_size))
+        annotations = dict(type="LoadAnnotations", with_bbox=True, with_mask=with_mask)
+        train_pipeline = [dict(type="LoadImageFromFile"), annotations,
+                          dict(type="Resize", scale=scale, keep_ratio=True),
+                          dict(type="RandomFlip", prob=0.5), dict(type="PackDetInputs")]
+        test_pipeline = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=scale, keep_ratio=True),
+                         annotations,
+                         dict(type="PackDetInputs",
+                              meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor"))]
     return {
-        "train_dataloader.dataset": dataset("train"),
-        "val_dataloader.dataset": dataset("val"),
-        "test_dataloader.dataset": dataset("val"),
+        "train_dataloader.dataset": dataset("train", train_pipeline),
+        "val_dataloader.dataset": dataset("val", test_pipeline),
+        "test_dataloader.dataset": dataset("val", test_pipeline),
         "val_evaluator": evaluator(),
         "test_evaluator": evaluator(),
     }

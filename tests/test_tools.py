@@ -1,0 +1,286 @@
+"""End-to-end checks of tools/train.py, tools/test.py and tools/dist_train.sh on CPU.
+
+A tiny generated dataset (4 train / 2 val images of 128 px) and Mask R-CNN HieraDet-S from
+configs/maskrcnn_hieradet_s.py with a 2-iteration schedule: train -> test (COCO bbox + segm
+AP) -> resume, a 2-process gloo run, and the refusals (hostile checkpoint, corrupt image).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("mmdet")
+pytest.importorskip("pycocotools")
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "configs" / "maskrcnn_hieradet_s.py"
+SIZE = 128
+ITERS = 2
+
+pytestmark = pytest.mark.skipif(not BASE_CONFIG.is_file(), reason="configs/maskrcnn_hieradet_s.py not present")
+
+
+def run_tool(*args, timeout=300, env=None, cwd=None):
+    """Run a tool with this interpreter on CPU; returns the CompletedProcess."""
+    full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    full_env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    full_env.update(env or {})
+    cmd = list(args)
+    if cmd[0].endswith(".py"):
+        cmd = [sys.executable, *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def fail_text(proc) -> str:
+    return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_ckpt(path):
+    from hieradet_mmdet.runtime import allow_mmengine_checkpoints
+
+    allow_mmengine_checkpoints()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config path, data root): the tiny dataset and a standalone config file for it."""
+    from mmengine.config import Config
+
+    import hieradet_mmdet  # noqa: F401
+    from hieradet_mmdet import synthetic_coco
+    from hieradet_mmdet.runtime import small_run_overrides
+
+    base = tmp_path_factory.mktemp("tools")
+    data = base / "data"
+    synthetic_coco.generate(str(data), num_train=4, num_val=2, size=SIZE, seed=1)
+    cfg = Config.fromfile(str(BASE_CONFIG))
+    cfg.merge_from_dict(synthetic_coco.mmdet_dataset_overrides(str(data), image_size=SIZE))
+    cfg.merge_from_dict(small_run_overrides(ITERS, batch_size=2, lr=1e-4, log_interval=1,
+                                            num_classes=len(synthetic_coco.CLASSES), rcnn_samples=64,
+                                            proposals=100, max_dets=20))
+    cfg.model.backbone.init_cfg = None  # offline: no published weights
+    cfg.model.backbone.drop_path_rate = 0.0
+    cfg.model.test_cfg.rcnn.score_thr = 0.0  # an untrained model still outputs boxes -> real AP numbers
+    path = base / "tiny_maskrcnn.py"
+    cfg.dump(str(path))
+    return path, data
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    config, _ = tiny
+    work = tmp_path_factory.mktemp("train")
+    proc = run_tool("tools/train.py", str(config), "--work-dir", str(work))
+    assert proc.returncode == 0, fail_text(proc)
+    return work
+
+
+def test_train_writes_a_checkpoint_with_optimizer_and_scheduler_state(trained):
+    ckpt_path = trained / f"iter_{ITERS}.pth"
+    assert ckpt_path.is_file(), sorted(os.listdir(trained))
+    assert (trained / "last_checkpoint").read_text().strip().endswith(f"iter_{ITERS}.pth")
+    ckpt = load_ckpt(ckpt_path)  # our own checkpoints load under weights_only
+    assert ckpt["meta"]["iter"] == ITERS
+    assert ckpt["optimizer"]["state"], "AdamW state missing"
+    assert len(ckpt["param_schedulers"]) == 2
+    assert any(k.startswith("backbone.blocks.") for k in ckpt["state_dict"])
+
+
+def test_test_py_prints_coco_bbox_and_segm_ap(trained, tiny, tmp_path):
+    config, _ = tiny
+    out_pkl = tmp_path / "results.pkl"
+    proc = run_tool("tools/test.py", str(config), str(trained / f"iter_{ITERS}.pth"), "--work-dir", str(tmp_path),
+                    "--out", str(out_pkl), "--show-dir", "pictures")
+    assert proc.returncode == 0, fail_text(proc)
+    text = proc.stdout + proc.stderr
+    assert "bbox_mAP_copypaste" in text and "segm_mAP_copypaste" in text  # CocoMetric's own report
+    summary = re.search(r"\[hieradet-mmdet\] test metrics: (.*)", proc.stdout)
+    assert summary, fail_text(proc)
+    values = dict(item.split("=") for item in summary.group(1).split())
+    for key in ("bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50"):
+        assert key in values, values
+        assert 0.0 <= float(values[key]) <= 1.0
+    assert out_pkl.is_file() and out_pkl.stat().st_size > 0
+    drawn = list(tmp_path.glob("*/pictures/*.png"))
+    assert len(drawn) == 2, sorted(str(p) for p in tmp_path.rglob("*"))
+
+
+def test_resume_restores_iteration_optimizer_and_scheduler(trained, tiny, monkeypatch):
+    """The state train.py --resume puts into the runner equals the checkpoint's."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from hieradet_mmdet.runtime import enforce_safe_loading, prepare_config
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    enforce_safe_loading()
+    config, _ = tiny
+    ckpt_path = trained / f"iter_{ITERS}.pth"
+    ckpt = load_ckpt(ckpt_path)
+    cfg = Config.fromfile(str(config))
+    cfg.work_dir = str(trained / "inprocess")
+    cfg.resume, cfg.load_from = True, str(ckpt_path)
+    prepare_config(cfg)
+    runner = Runner.from_cfg(cfg)
+    runner._train_loop = runner.build_train_loop(runner._train_loop)  # what train() does before resuming
+    runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
+    runner.scale_lr(runner.optim_wrapper, runner.auto_scale_lr)
+    runner.param_schedulers = runner.build_param_scheduler(runner.param_schedulers)
+    runner.load_or_resume()
+    assert runner.iter == ITERS
+    state = runner.optim_wrapper.state_dict()
+    assert state["param_groups"] == ckpt["optimizer"]["param_groups"]
+    assert state["state"].keys() == ckpt["optimizer"]["state"].keys()
+    for idx, saved in ckpt["optimizer"]["state"].items():
+        for name, value in saved.items():
+            assert torch.equal(torch.as_tensor(state["state"][idx][name]), torch.as_tensor(value)), (idx, name)
+    assert [s.state_dict() for s in runner.param_schedulers] == ckpt["param_schedulers"]
+    model_state = runner.model.state_dict()
+    assert all(torch.equal(model_state[k], v) for k, v in ckpt["state_dict"].items())
+
+
+def test_train_resume_continues_at_the_next_iteration(trained, tiny, tmp_path):
+    config, _ = tiny
+    work = tmp_path / "resumed"
+    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("inprocess"))
+    # last_checkpoint holds an absolute path into the original work dir; --resume CKPT is explicit
+    proc = run_tool("tools/train.py", str(config), "--work-dir", str(work), "--resume", str(work / f"iter_{ITERS}.pth"),
+                    "--cfg-options", f"train_cfg.max_iters={ITERS + 1}")
+    assert proc.returncode == 0, fail_text(proc)
+    log = proc.stdout + proc.stderr
+    assert f"resumed epoch: 0, iter: {ITERS}" in log, fail_text(proc)
+    assert f"Iter(train) [{ITERS + 1}/{ITERS + 1}]" in log
+    assert f"Iter(train) [{ITERS}/" not in log.split("resumed epoch")[1]  # no iteration ran twice
+    ckpt = load_ckpt(work / f"iter_{ITERS + 1}.pth")
+    assert ckpt["meta"]["iter"] == ITERS + 1
+    # AdamW's per-parameter step counters continued from the checkpoint instead of restarting
+    steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
+    assert steps == {ITERS + 1}
+
+
+def test_dist_train_two_cpu_processes(tiny, tmp_path):
+    config, _ = tiny
+    work = tmp_path / "dist"
+    proc = run_tool("bash", str(ROOT / "tools" / "dist_train.sh"), str(config), "2", "--work-dir", str(work),
+                    "--cfg-options", "train_dataloader.batch_size=1",
+                    env={"PORT": str(free_port()), "PYTHON": sys.executable}, timeout=400)
+    assert proc.returncode == 0, fail_text(proc)
+    log = proc.stdout + proc.stderr
+    assert "Distributed training: True" in log
+    assert re.search(r"GPU number: 2|world_size: 2|World size: 2", log), fail_text(proc)
+    assert f"Iter(train) [{ITERS}/{ITERS}]" in log
+    ckpt = load_ckpt(work / f"iter_{ITERS}.pth")
+    assert ckpt["meta"]["iter"] == ITERS
+
+
+class _Hostile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_checkpoint_is_refused(tiny, tmp_path):
+    config, _ = tiny
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"meta": {"iter": 1}, "state_dict": {}, "payload": _Hostile(marker)}, evil)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "last_checkpoint").write_text(str(evil))
+    runs = {
+        "test.py": run_tool("tools/test.py", str(config), str(evil), "--work-dir", str(work)),
+        "train.py --resume CKPT": run_tool("tools/train.py", str(config), "--work-dir", str(work), "--resume", str(evil)),
+        "train.py --resume (auto)": run_tool("tools/train.py", str(config), "--work-dir", str(work), "--resume"),
+    }
+    for name, proc in runs.items():
+        assert proc.returncode != 0, f"{name} accepted a hostile checkpoint\n{fail_text(proc)}"
+        assert "refusing to load checkpoint" in proc.stderr and str(evil) in proc.stderr, f"{name}\n{fail_text(proc)}"
+        assert "Traceback" not in proc.stderr, f"{name}: expected a clear error\n{fail_text(proc)}"
+    assert not marker.exists(), "the hostile checkpoint's payload ran"
+
+
+def test_corrupt_checkpoint_is_reported(tiny, tmp_path):
+    config, _ = tiny
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    proc = run_tool("tools/test.py", str(config), str(broken))
+    assert proc.returncode != 0
+    assert "cannot read checkpoint" in proc.stderr and str(broken) in proc.stderr, fail_text(proc)
+
+
+def test_checked_image_loader_names_the_file(tmp_path, tiny):
+    from mmdet.registry import TRANSFORMS
+
+    import hieradet_mmdet.runtime  # noqa: F401  (registers CheckedLoadImageFromFile)
+
+    _, data = tiny
+    loader = TRANSFORMS.build(dict(type="CheckedLoadImageFromFile"))
+    good = data / "val" / "000000.png"
+    out = loader(dict(img_path=str(good)))
+    assert out["img"].shape == (SIZE, SIZE, 3)
+    raw = good.read_bytes()
+    cases = {"truncated.png": raw[: len(raw) // 2], "garbage.png": b"this is not an image" * 10, "empty.png": b"",
+             "truncated.jpg": b"\xff\xd8\xff\xe0" + b"\x00" * 200}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
+            loader(dict(img_path=str(tmp_path / name)))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing.png"))):
+        loader(dict(img_path=str(tmp_path / "missing.png")))
+    # a complete JPEG followed by a long trailer (some cameras append data) is not "truncated"
+    import cv2
+
+    ok, jpeg = cv2.imencode(".jpg", out["img"])
+    (tmp_path / "trailer.jpg").write_bytes(jpeg.tobytes() + b"\x00" * 4096)
+    assert loader(dict(img_path=str(tmp_path / "trailer.jpg")))["img"].shape == (SIZE, SIZE, 3)
+
+
+def test_corrupt_dataset_image_stops_test_py_naming_the_file(trained, tiny, tmp_path):
+    config, data = tiny
+    bad_root = tmp_path / "data"
+    shutil.copytree(data, bad_root)
+    victim = bad_root / "val" / "000001.png"
+    victim.write_bytes(victim.read_bytes()[:300])  # a truncated download
+    proc = run_tool("tools/test.py", str(config), str(trained / f"iter_{ITERS}.pth"), "--work-dir", str(tmp_path),
+                    "--cfg-options", f"test_dataloader.dataset.data_root={bad_root}/")
+    assert proc.returncode != 0
+    assert str(victim) in proc.stderr and "truncated" in proc.stderr, fail_text(proc)
+
+
+def test_prepare_config_for_cpu_data_parallel(monkeypatch):
+    from mmengine.config import Config
+
+    from hieradet_mmdet.runtime import prepare_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = Config(dict(train_dataloader=dict(dataset=dict(pipeline=[dict(type="LoadImageFromFile"),
+                                                                    dict(type="PackDetInputs")])),
+                      model_wrapper_cfg=dict(type="MMDistributedDataParallel", device_ids=[0],
+                                             find_unused_parameters=True)))
+    prepare_config(cfg, "pytorch")
+    assert cfg.launcher == "pytorch"
+    assert cfg.model_wrapper_cfg.device_ids is None and cfg.model_wrapper_cfg.find_unused_parameters
+    assert cfg.env_cfg.dist_cfg.backend == "gloo"
+    assert cfg.train_dataloader.dataset.pipeline[0].type == "CheckedLoadImageFromFile"
+    plain = prepare_config(Config(dict()), "none")
+    assert plain.launcher == "none" and "model_wrapper_cfg" not in plain
