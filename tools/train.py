@@ -66,15 +66,22 @@ def main(argv=None) -> int:
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
 
     if args.amp:
-        if not torch.cuda.is_available():
-            print("error: --amp needs a GPU (MMEngine's AmpOptimWrapper is CUDA/NPU/MLU only); "
-                  "train without --amp on CPU", file=sys.stderr)
-            return 2
-        if cfg.optim_wrapper.get("type", "OptimWrapper") == "AmpOptimWrapper":
-            print("AMP is already enabled in the config")
-        else:
+        current = cfg.optim_wrapper.get("type", "OptimWrapper")
+        if current in ("AmpOptimWrapper", "AutocastOptimWrapper"):
+            print(f"mixed precision is already enabled in the config ({current})")
+        elif torch.cuda.is_available():
             cfg.optim_wrapper.type = "AmpOptimWrapper"
             cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+        else:
+            # MMEngine's AmpOptimWrapper asserts an accelerator; ours autocasts backbone + neck to bf16.
+            from mmengine.registry import OPTIM_WRAPPERS
+
+            if "AutocastOptimWrapper" not in OPTIM_WRAPPERS.module_dict:
+                print("error: --amp without a GPU needs hieradet_mmdet.optim.AutocastOptimWrapper", file=sys.stderr)
+                return 2
+            print("--amp on CPU: bfloat16 autocast over backbone and neck (AutocastOptimWrapper)")
+            cfg.optim_wrapper.type = "AutocastOptimWrapper"
+            cfg.optim_wrapper.pop("loss_scale", None)
 
     if args.auto_scale_lr:
         if "auto_scale_lr" not in cfg or "base_batch_size" not in cfg.auto_scale_lr:
