@@ -278,6 +278,27 @@ def test_corrupt_dataset_image_stops_test_py_naming_the_file(trained, tiny, tmp_
     assert str(victim) in proc.stderr and "truncated" in proc.stderr, fail_text(proc)
 
 
+def test_visualize_features_from_a_detector_checkpoint(trained, tiny, tmp_path):
+    import cv2
+
+    _, data = tiny
+    image = data / "val" / "000000.png"
+    proc = run_tool("tools/visualize_features.py", str(image), "--checkpoint", str(trained / f"iter_{ITERS}.pth"),
+                    "--out", str(tmp_path / "feat"), "--size", "96")
+    assert proc.returncode == 0, fail_text(proc)
+    assert "RANDOM" not in proc.stderr
+    names = sorted(p.name for p in (tmp_path / "feat").iterdir())
+    assert names == ["overview.png", "stage1.png", "stage2.png", "stage3.png", "stage4.png"]
+    stage = cv2.imread(str(tmp_path / "feat" / "stage4.png"))
+    assert stage.shape[0] == 96 + 24 and stage.shape[1] == 2 * 96 + 6  # input | stage, labelled
+    assert stage[24:, 96 + 6:].std() > 0  # not a blank picture
+
+    proc = run_tool("tools/visualize_features.py", str(image), "--out", str(tmp_path / "rand"), "--size", "64")
+    assert proc.returncode == 0 and "RANDOM weights" in proc.stderr, fail_text(proc)
+    proc = run_tool("tools/visualize_features.py", str(tmp_path / "nope.png"), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 1 and "nope.png does not exist" in proc.stderr
+
+
 def test_prepare_config_for_cpu_data_parallel(monkeypatch):
     from mmengine.config import Config
 

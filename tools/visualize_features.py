@@ -19,7 +19,6 @@ import argparse
 import os
 import os.path as osp
 import sys
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -101,8 +100,8 @@ def build_backbone(arch: str = "small", checkpoint: Optional[str] = None):
 
         load_backbone_weights(model, checkpoint)
     else:
-        warnings.warn("no --checkpoint given: the backbone has RANDOM weights, so the pictures show the "
-                      "input's structure as seen by an untrained network, not learned features", stacklevel=2)
+        print("warning: no --checkpoint given: the backbone has RANDOM weights, so the pictures show the "
+              "input's structure as seen by an untrained network, not learned features", file=sys.stderr)
     return model
 
 
@@ -148,17 +147,17 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=512, help="long side of the network input (default 512)")
     args = parser.parse_args(argv)
 
+    try:
+        rgb = load_rgb(args.image)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     from hieradet_mmdet.runtime import enforce_safe_loading
 
     enforce_safe_loading()
     import torch
 
     torch.set_grad_enabled(False)
-    try:
-        rgb = load_rgb(args.image)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     model = build_backbone(args.arch, args.checkpoint)
     resized, pictures = feature_pictures(model, rgb, args.size)
     for path in write_pictures(args.out, resized, pictures, model.out_strides):
