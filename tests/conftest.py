@@ -77,3 +77,19 @@ def birder_files(birder_pair, tmp_path_factory):
     files = save_birder_checkpoints(birder_pair["d_small"], "hieradet_d_small_test", directory,
                                     get_rgb_stats("birder"))
     return dict(files, rgb_stats=get_rgb_stats("birder"), directory=directory)
+
+
+def _skipped(config) -> int:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    return len(reporter.stats.get("skipped", [])) if reporter else 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A skipped test is not a passing one: the run fails if anything was skipped."""
+    if _skipped(session.config) and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _skipped(config):
+        terminalreporter.write_line(f"FAILED: {_skipped(config)} test(s) skipped; every test must run here.", red=True)
