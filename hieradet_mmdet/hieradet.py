@@ -217,60 +217,75 @@ def _pool_planes(x: torch.Tensor, groups: int, m: int) -> torch.Tensor:
     return x[:, :4 * m].unflatten(1, (4, m)).amax(1)
 
 
-# Inference-only fused CPU linears (bias, GELU and the residual add done by oneDNN in the matmul):
-# the same kernels inductor uses. Probed once; HIERADET_FUSED_LINEAR=0 turns them off.
-_FUSED_STATE: dict[str, bool] = {}
+# Inference-only fused CPU linears: oneDNN applies the bias, the GELU and the residual add inside
+# the matmul (the kernels inductor uses), which saves the addmm bias copy and two passes over the
+# activations. fp32, and bf16 under CPU autocast (where they run in bf16 as autocast would).
+# Probed once per dtype; HIERADET_FUSED_LINEAR=0 turns them off.
+_FUSED_STATE: dict[object, bool] = {}
 
 
-def fused_linear_available() -> bool:
-    if "ok" not in _FUSED_STATE:
-        ok = os.environ.get("HIERADET_FUSED_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available()
+def fused_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    if dtype not in _FUSED_STATE:
+        ok = (_FUSED_STATE.get("enabled", True) and os.environ.get("HIERADET_FUSED_LINEAR", "1") != "0"
+              and torch.backends.mkldnn.is_available())
         if ok:
             try:
-                with torch.no_grad():
-                    x, w, b, r = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6), torch.randn(5, 6)
+                with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                    x, w, b, r = (torch.randn(*s).to(dtype) for s in ((5, 8), (6, 8), (6,), (5, 6)))
                     g = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
                     a = torch.ops.mkldnn._linear_pointwise.binary(x, r, w, b, "add")
-                    ok = (torch.allclose(g, F.gelu(F.linear(x, w, b)), atol=1e-5)
-                          and torch.allclose(a, r + F.linear(x, w, b), atol=1e-5))
+                    ref = F.linear(x.float(), w.float(), b.float())
+                    tol = 1e-5 if dtype == torch.float32 else 5e-2
+                    ok = (g.dtype == a.dtype == dtype and torch.allclose(g.float(), F.gelu(ref), atol=tol)
+                          and torch.allclose(a.float(), r.float() + ref, atol=tol))
             except Exception:  # an op missing or refusing in this build: use the plain path
                 ok = False
-        _FUSED_STATE["ok"] = ok
-    return _FUSED_STATE["ok"]
+        _FUSED_STATE[dtype] = bool(ok)
+    return _FUSED_STATE[dtype]
 
 
 def set_fused_linear(enabled: Optional[bool]) -> Optional[bool]:
     """Turn the fused inference linears off (False) or back to auto-detection (None / True);
     returns the previous setting. E.g. FLOP counters only see plain aten linears."""
-    previous = _FUSED_STATE.pop("ok", None)
-    if enabled is False:
-        _FUSED_STATE["ok"] = False
+    previous = _FUSED_STATE.get("enabled", True)
+    _FUSED_STATE.clear()
+    _FUSED_STATE["enabled"] = enabled is not False
     return previous
 
 
-def _use_fused(x: torch.Tensor) -> bool:
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and fused_linear_available())
+def _fused_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the fused linears run in for input ``x`` here, or None for the plain path
+    (autograd, other devices, other autocast dtypes, no oneDNN)."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        if dtype != torch.bfloat16:
+            return None
+    else:
+        dtype = x.dtype
+    return dtype if fused_linear_available(dtype) else None
 
 
-def _linear(x: torch.Tensor, layer: nn.Linear, fused: bool, gelu: bool = False) -> torch.Tensor:
-    if fused:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias,
-                                               "gelu" if gelu else "none", [], "none" if gelu else "")
+def _linear(x: torch.Tensor, layer: nn.Linear, fused: Optional[torch.dtype], gelu: bool = False) -> torch.Tensor:
+    if fused is not None:
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(-1, x.shape[-1]).to(fused), layer.weight.to(fused), layer.bias.to(fused),
+            "gelu" if gelu else "none", [], "none" if gelu else "")
         return y.view(*x.shape[:-1], -1)
     y = layer(x)
     return F.gelu(y) if gelu else y
 
 
-def _linear_residual(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor, fused: bool,
+def _linear_residual(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor, fused: Optional[torch.dtype],
                      rate: float = 0.0, training: bool = False) -> torch.Tensor:
-    """residual + drop_path(layer(x))."""
-    if fused:
+    """residual + drop_path(layer(x)), in the dtype type promotion gives (as under autocast)."""
+    if fused is not None and residual.dtype == fused:
         return torch.ops.mkldnn._linear_pointwise.binary(
-            x.reshape(-1, x.shape[-1]), residual.reshape(-1, residual.shape[-1]),
-            layer.weight, layer.bias, "add").view(residual.shape)
-    y = drop_path(layer(x), rate, training)
-    if not torch.is_grad_enabled() and y.dtype == residual.dtype:
+            x.reshape(-1, x.shape[-1]).to(fused), residual.reshape(-1, residual.shape[-1]),
+            layer.weight.to(fused), layer.bias.to(fused), "add").view(residual.shape)
+    y = drop_path(_linear(x, layer, fused), rate, training)
+    if not torch.is_grad_enabled() and y.dtype == torch.result_type(y, residual):
         return y.add_(residual)  # y is ours; saves an allocation
     return residual + y
 
@@ -306,7 +321,7 @@ class MultiScaleAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim_out * 3)
         self.proj = nn.Linear(dim_out, dim_out)
 
-    def attend(self, x: torch.Tensor, groups: int, pooled: int, fused: bool) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, groups: int, pooled: int, fused: Optional[torch.dtype]) -> torch.Tensor:
         """(B, N, C) -> attention output before ``proj``: (B, groups * queries per group, dim_out)."""
         b, n, _ = x.shape
         qkv = _linear(x, self.qkv, fused)
@@ -323,7 +338,7 @@ class MultiScaleAttention(nn.Module):
         b, h, w, _ = x.shape
         layout = TokenLayout(h, w, 0, 1 if self.q_pool else 0).to(x.device)
         tokens = _gather_tokens(x.reshape(b, h * w, -1), layout.src) if self.q_pool else x.reshape(b, h * w, -1)
-        out = self.proj(self.attend(tokens, 1, layout.pooled_per_group(), fused=False))
+        out = self.proj(self.attend(tokens, 1, layout.pooled_per_group(), fused=None))
         if self.q_pool:
             h, w = h // 2, w // 2
         return out.view(b, h, w, -1)
@@ -351,7 +366,7 @@ class MultiScaleBlock(nn.Module):
             x = self.forward(x.reshape(b, h * w, -1), step)
             return x.view(b, step.after.h, step.after.w, -1)
 
-        fused = _use_fused(x) and not (self.training and self.drop_path_rate > 0)
+        fused = None if (self.training and self.drop_path_rate > 0) else _fused_dtype(x)
         rate, training = self.drop_path_rate, self.training
         win = step.win
         attn_layout = win if win is not None else step.layout
