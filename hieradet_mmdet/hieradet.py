@@ -196,25 +196,83 @@ class TokenLayout:
         """Query tokens per group after a q-pool (each of the four planes holds that many)."""
         return (self.window // 2) ** 2 if self.window else (self.h // 2) * (self.w // 2)
 
-    def index_from(self, other: Optional["TokenLayout"]) -> Optional[torch.Tensor]:
-        """Slots of ``other`` (None: the row-major map) to gather to get this layout; None if equal."""
-        index = self.src if other is None else other.inv[self.src]
-        return None if torch.equal(index, torch.arange(index.numel())) and (other is None or other.n == self.n) \
-            else index
 
 
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[:, index] for a (B, N, C) stream, as one row gather."""
+def _zero_slots(x: torch.Tensor, runs: Sequence[tuple[int, int]], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Zero slots of a (B, N, C) stream in place: a few runs of slots as slices, else by mask
+    (always under autograd, where every sliced write would cost a full copy of the gradient)."""
+    if len(runs) <= 32 and not (torch.is_grad_enabled() and x.requires_grad):
+        for start, stop in runs:
+            x[:, start:stop] = 0.0
+    elif mask is not None:
+        x.masked_fill_(mask, 0.0)
+    return x
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     b, n, c = x.shape
     if b > 1:
         index = (torch.arange(b, device=index.device) * n)[:, None].add(index[None]).flatten()
-    return x.reshape(b * n, c).index_select(0, index).view(b, -1, c)
+    out = x.new_empty(b, index.numel() // b, c)  # (not a view: the result may be written in place)
+    torch.index_select(x.reshape(b * n, c), 0, index, out=out.view(-1, c))
+    return out
+
+
+class Gather:
+    """Re-lays a (B, N, C) token stream from one TokenLayout into another as one row gather.
+
+    Its gradient is again a gather (``back``) instead of index_select's scatter-add into zeros:
+    each source slot takes the gradient of the one destination slot that holds its position.
+    That is exact because the other copies (pad slots of the destination) are zeroed right after
+    the forward gather, and source slots nobody reads (its pads) get zero (``zero_runs``)."""
+
+    __slots__ = ("index", "back", "zero_runs", "zero_mask")
+
+    def __init__(self, index, back, zero_runs=(), zero_mask=None) -> None:
+        self.index, self.back, self.zero_runs, self.zero_mask = index, back, list(zero_runs), zero_mask
+
+    @staticmethod
+    def between(src: TokenLayout, dst: TokenLayout) -> Optional["Gather"]:
+        """From a stream in ``src`` to ``dst`` (dst pads get copies of real tokens); None if equal."""
+        index = src.inv[dst.src]
+        if src.n == dst.n and not (src.has_pad or dst.has_pad) and torch.equal(index, torch.arange(dst.n)):
+            return None
+        return Gather(index, dst.inv[src.src], src.pad_runs, src.pad_mask)
+
+    def to(self, device: torch.device) -> "Gather":
+        move = lambda t: None if t is None else t.to(device)
+        return Gather(move(self.index), move(self.back), self.zero_runs, move(self.zero_mask))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _GatherFunction.apply(x, self)
+        return _gather_rows(x, self.index)
+
+
+def _relay(gather: Optional[Gather], x: torch.Tensor) -> torch.Tensor:
+    return x if gather is None else gather(x)
+
+
+class _GatherFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gather: Gather) -> torch.Tensor:
+        ctx.gather = gather
+        return _gather_rows(x, gather.index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        g = ctx.gather
+        return _zero_slots(_gather_rows(grad.contiguous(), g.back), g.zero_runs, g.zero_mask), None
 
 
 def _pool_planes(x: torch.Tensor, groups: int, m: int) -> torch.Tensor:
     """2x2 max pooling in plane order: the max over the first four blocks of m tokens of every group.
     x: (B * groups, tokens per group, ...) -> (B * groups, m, ...)."""
-    return x[:, :4 * m].unflatten(1, (4, m)).amax(1)
+    planes = x[:, :4 * m].unflatten(1, (4, m))
+    if torch.is_grad_enabled() and x.requires_grad:
+        return planes.max(1).values  # its backward scatters into the max (as MaxPool2d), amax's splits ties
+    return planes.amax(1)
 
 
 # Inference-only fused CPU linears: oneDNN applies the bias, the GELU and the residual add inside
@@ -336,8 +394,10 @@ class MultiScaleAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Global attention over a (B, H, W, C) map (q-pooling it 2x2 with ``q_pool``)."""
         b, h, w, _ = x.shape
-        layout = TokenLayout(h, w, 0, 1 if self.q_pool else 0).to(x.device)
-        tokens = _gather_tokens(x.reshape(b, h * w, -1), layout.src) if self.q_pool else x.reshape(b, h * w, -1)
+        layout = TokenLayout(h, w, 0, 1 if self.q_pool else 0)
+        tokens = x.reshape(b, h * w, -1)
+        if self.q_pool:
+            tokens = Gather.between(TokenLayout(h, w, 0, 0), layout).to(x.device)(tokens)
         out = self.proj(self.attend(tokens, 1, layout.pooled_per_group(), fused=None))
         if self.q_pool:
             h, w = h // 2, w // 2
@@ -377,12 +437,7 @@ class MultiScaleBlock(nn.Module):
         if win is not None:
             # Windows that need padding: gather the normalised tokens into padded windows and zero
             # the pad slots (birder zero-pads the normalised map); the pads are dropped again below.
-            xn = _gather_tokens(xn, step.win_in)
-            if len(win.pad_runs) <= 32:
-                for start, stop in win.pad_runs:
-                    xn[:, start:stop] = 0.0
-            elif win.has_pad:
-                xn = xn.masked_fill_(win.pad_mask, 0.0)
+            xn = _zero_slots(_relay(step.win_in, xn), win.pad_runs, win.pad_mask)
         shortcut = x
         if self.proj is not None:
             shortcut = _linear(xn, self.proj, fused)
@@ -391,28 +446,31 @@ class MultiScaleBlock(nn.Module):
                 shortcut = _pool_planes(shortcut.view(b * groups, n // groups, c), groups, pooled).view(b, -1, c)
         y = self.attn.attend(xn, groups, pooled, fused)
         if win is not None and not self.q_pool:
-            y = _gather_tokens(y, step.win_out)  # back to the stream before proj: no work on pads
+            y = _relay(step.win_out, y)  # back to the stream before proj: no work on pads
         x = _linear_residual(y, self.attn.proj, shortcut, fused, rate, training)
         if win is not None and self.q_pool:
-            x = _gather_tokens(x, step.win_out)  # the pooled windows, into the next stream layout
+            x = _relay(step.win_out, x)  # the pooled windows, into the next stream layout
         h = _linear(self.norm2(x), self.mlp.fc1, fused, gelu=True)
         return _linear_residual(h, self.mlp.fc2, x, fused, rate, training)
 
 
 class _Step:
-    """How one block runs: ``convert`` gathers the stream into ``layout`` before it (None: it is
+    """How one block runs: ``convert`` re-lays the stream into ``layout`` before it (None: it is
     already); ``win`` (padded windows) with the gathers ``win_in`` / ``win_out`` when its windows
-    need padding (or for a lone block); ``after`` is the stream layout it leaves."""
-    __slots__ = ("convert", "layout", "win", "win_in", "win_out", "after")
+    need padding (or for a lone block); ``after`` is the stream layout it leaves and ``to_map``
+    the gather from that to the row-major map (None: already row-major)."""
+    __slots__ = ("convert", "layout", "win", "win_in", "win_out", "after", "to_map")
 
-    def __init__(self, convert, layout, after, win=None, win_in=None, win_out=None) -> None:
+    def __init__(self, convert, layout, after, win=None, win_in=None, win_out=None, to_map=False) -> None:
         self.convert, self.layout, self.after = convert, layout, after
         self.win, self.win_in, self.win_out = win, win_in, win_out
+        self.to_map = Gather.between(after, TokenLayout(after.h, after.w, 0, 0)) if to_map is False else to_map
 
     def to(self, device: torch.device) -> "_Step":
         move = lambda t: None if t is None else t.to(device)
         return _Step(move(self.convert), self.layout.to(device), self.after.to(device),
-                     None if self.win is None else self.win.to(device), move(self.win_in), move(self.win_out))
+                     None if self.win is None else self.win.to(device), move(self.win_in), move(self.win_out),
+                     move(self.to_map))
 
     @staticmethod
     def padded(block: "MultiScaleBlock", layout: TokenLayout, after: Optional[TokenLayout] = None) -> "_Step":
@@ -420,10 +478,9 @@ class _Step:
         h, w = layout.h, layout.w
         win = TokenLayout(h, w, block.window_size, int(block.q_pool))
         if block.q_pool:
-            pooled = win.pooled()
             after = after or TokenLayout(h // 2, w // 2, 0, 0)
-            return _Step(None, layout, after, win, layout.inv[win.src], pooled.inv[after.src])
-        return _Step(None, layout, layout, win, layout.inv[win.src], win.inv[layout.src])
+            return _Step(None, layout, after, win, Gather.between(layout, win), Gather.between(win.pooled(), after))
+        return _Step(None, layout, layout, win, Gather.between(layout, win), Gather.between(win, layout))
 
     @staticmethod
     def single(block: "MultiScaleBlock", h: int, w: int) -> "_Step":
@@ -560,7 +617,7 @@ class HieraDet(nn.Module):
                     (not block.q_pool or (layout.window == 0 and layout.levels >= 1))
                 if not fits:
                     new = self._layout_for(i, h, w)
-                    convert, layout = new.index_from(layout), new
+                    convert, layout = Gather.between(layout, new), new
                 steps.append(_Step(convert, layout, layout.pooled() if block.q_pool else layout))
             layout = steps[-1].after
             if block.q_pool:
@@ -606,19 +663,19 @@ class HieraDet(nn.Module):
         plan = self._plan(h, w, x.device)
         tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
         pos = self.position_embedding(h, w).reshape(1, h * w, c)
-        index = plan[0].convert
-        if index is None:
+        gather = plan[0].convert
+        if gather is None:
             return tokens + pos, plan
         cached = self._pos_layout_cache
-        if cached is not None and cached[0] is pos and cached[1] is index:
+        if cached is not None and cached[0] is pos and cached[1] is gather:
             pos = cached[2]
         else:
-            pos_layout = pos.index_select(1, index)
+            pos_layout = gather(pos)
             if not pos.requires_grad:
-                self._pos_layout_cache = (pos, index, pos_layout)
+                self._pos_layout_cache = (pos, gather, pos_layout)
             pos = pos_layout
-        tokens = _gather_tokens(tokens, index)
-        if tokens.dtype == torch.result_type(tokens, pos) and not pos.requires_grad:
+        tokens = gather(tokens)
+        if tokens.dtype == torch.result_type(tokens, pos) and not (pos.requires_grad or tokens.requires_grad):
             return tokens.add_(pos), plan
         return tokens + pos, plan
 
@@ -628,7 +685,7 @@ class HieraDet(nn.Module):
         use_cp = self.with_cp and torch.is_grad_enabled() and self.training
         for i, (block, step) in enumerate(zip(self.blocks, plan)):
             if i > 0 and step.convert is not None:
-                x = _gather_tokens(x, step.convert)
+                x = step.convert(x)
             if use_cp and any(p.requires_grad for p in block.parameters()):
                 x = checkpoint(block, x, step, use_reentrant=False)
             else:
@@ -638,16 +695,16 @@ class HieraDet(nn.Module):
                 return
 
     @staticmethod
-    def _to_map(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """(B, N, C) stream -> (B, H, W, C) channels-last map (a view where the layout is row-major)."""
-        if not layout.plain:
-            x = _gather_tokens(x, layout.inv)
-        return x.view(x.shape[0], layout.h, layout.w, x.shape[-1])
+    def _to_map(x: torch.Tensor, step: _Step) -> torch.Tensor:
+        """(B, N, C) stream after ``step`` -> (B, H, W, C) channels-last map (a view if row-major)."""
+        if step.to_map is not None:
+            x = step.to_map(x)
+        return x.view(x.shape[0], step.after.h, step.after.w, x.shape[-1])
 
     def forward_tokens(self, x: torch.Tensor, stop_block: Optional[int] = None):
         """Yields (block index, channels-last (B, H, W, C) tokens) after every block."""
         for i, tokens, step in self._run(x, stop_block):
-            yield i, self._to_map(tokens, step.after)
+            yield i, self._to_map(tokens, step)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         wanted = {self.stage_ends[s]: s for s in self.out_indices}
@@ -655,7 +712,7 @@ class HieraDet(nn.Module):
         for i, tokens, step in self._run(x, stop_block=max(wanted)):
             if i in wanted:
                 # An NCHW view of channels-last memory: convolutions take it as is, no copy.
-                outs.append(self._to_map(tokens, step.after).permute(0, 3, 1, 2))
+                outs.append(self._to_map(tokens, step).permute(0, 3, 1, 2))
         return tuple(outs)
 
     def _freeze_stages(self) -> None:

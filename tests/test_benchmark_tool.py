@@ -182,3 +182,26 @@ def test_q_pool_needs_even_windows():
     with pytest.raises(ValueError, match="odd"):
         HieraDet(dict(MINI, window_spec=(7, 4, 14, 7)))
     HieraDet(dict(MINI, window_spec=(8, 4, 14, 7)))  # the last stage's window may be odd
+
+
+def test_gradients_match_birder(birder_small):
+    """The autograd path (gathers with gather backward, max-with-index q-pool) against birder."""
+    from test_backbone import ours_from_birder
+
+    from hieradet_mmdet.checkpoint import remap_birder_keys
+
+    ours = ours_from_birder(birder_small, "small").train()
+    x = torch.randn(1, 3, 128, 192)  # stage 3: 8 x 12 tokens in windows of 14, stage 4: 4 x 6 in 7
+    grads = []
+    for forward, model in ((ours, ours), (lambda t: list(birder_small.detection_features(t).values()), birder_small)):
+        xg = x.clone().requires_grad_()
+        outs = forward(xg)
+        sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs).backward()
+        grads.append(dict(model.named_parameters(), input=xg))
+    ref = remap_birder_keys({k: p for k, p in grads[1].items()}, ours.arch["depths"])
+    try:
+        for name, p in grads[0].items():
+            assert rel(p.grad, ref[name].grad) < 1e-4, name
+    finally:
+        birder_small.zero_grad(set_to_none=True)
+        birder_small.eval()
