@@ -13,9 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-pycocotools = pytest.importorskip("pycocotools")
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from hieradet_mmdet import synthetic_coco  # noqa: E402
 
