@@ -14,6 +14,10 @@ setup(
         "mmcv>=2.0,<2.2",
         "mmdet>=3.0,<3.4",
         "numpy",
+        "Pillow",
     ],
-    extras_require={"test": ["pytest", "birder==0.8.4", "safetensors", "pycocotools"]},
+    extras_require={
+        "safetensors": ["safetensors"],  # reading birder .safetensors checkpoints
+        "test": ["pytest", "birder==0.8.4", "safetensors", "pycocotools"],
+    },
 )
