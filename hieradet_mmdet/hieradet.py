@@ -1,12 +1,17 @@
 """HieraDet trunk (the hierarchical ViT of SAM2's image encoder) in plain PyTorch.
 
-Tokens stay channels-last (B, H, W, C) through the whole trunk. Each stage after the first
-starts with a block that halves the resolution by max-pooling the queries ("q-pool") and
-widens the channels; blocks attend either inside non-overlapping windows or globally.
+Each stage after the first starts with a block that halves the resolution by max-pooling the
+queries ("q-pool") and widens the channels; blocks attend either inside non-overlapping windows
+or globally. Inside the trunk the tokens are a flat (B, N, C) stream in whatever order the next
+blocks need (see "Token order" below); the stage outputs are NCHW views of channels-last maps.
 
 Numerically this follows birder's ``birder.net.hieradet`` (the reference our tests compare
 against), including its quirks: windows are zero-padded *after* norm1 and the padding takes
 part in attention, and the first block of a stage uses the previous stage's window size.
+
+Speed (CPU, see docs/benchmark.md): no per-block window partition / unpartition / pad / crop
+copies, q-pooling as a max over contiguous planes, and in inference oneDNN linears with the
+bias, GELU and residual add fused in (fp32, and bf16 under autocast).
 """
 
 from __future__ import annotations
@@ -103,19 +108,21 @@ def _first_blocks(depths: Sequence[int]) -> set[int]:
 # ---------------------------------------------------------------------------------------------
 # Token order.
 #
-# The trunk keeps its tokens as a flat (B, N, C) stream whose order is chosen per run of blocks
-# (a TokenLayout) so that the blocks need no per-block partition / unpartition copies:
+# The trunk keeps its tokens as a flat (B, N, C) stream in an order (a TokenLayout) chosen so that
+# blocks need no per-block partition / unpartition copies:
 #   * windowed attention only needs the tokens of a window to be adjacent; inside a window any
 #     order works, as attention (without position bias) is permutation-equivariant;
-#   * global attention takes any order of the real tokens;
+#   * global attention takes any order of the tokens;
 #   * q-pooling needs the four members of every 2x2 cell; we store them as four contiguous
-#     "planes", so pooling is a max over four equal blocks (which then is already in the order
-#     the following blocks want), recursively for several pooling levels;
+#     "planes", so pooling is a max over four equal blocks, and its result is already in the
+#     order the following blocks want (recursively, for several pooling levels);
 #   * LayerNorm, the MLP and the residual adds are per token.
-# Windows are padded: pad slots hold a copy of a real token (so they stay finite) and are set
-# to zero after norm1, exactly as birder pads the normalised map with zeros; what the pad slots
-# compute is never read. A gather (index_select over whole rows) converts between layouts only
-# where the next block needs a different one, and for the stage outputs.
+# So a run of blocks whose windows tile the map (and the q-pools between them) shares one layout.
+# The stream itself is never padded: a block whose windows need padding gathers its normalised
+# tokens into padded windows, zeroes the pad slots (exactly birder's zero padding after norm1),
+# and gathers the attention output back, so its projection and MLP never see pad slots. A gather
+# (index_select over whole rows) also re-lays the stream where the next block needs another
+# layout, and produces the stage outputs.
 # ---------------------------------------------------------------------------------------------
 
 

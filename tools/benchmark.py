@@ -465,6 +465,7 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     _sync(device)
 
     times = []
+    load_start = _loadavg()
     with PeakMemory(device) as mem:
         for _ in range(case["iters"]):
             start = time.perf_counter()
@@ -472,7 +473,8 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
             _sync(device)
             times.append(time.perf_counter() - start)
     out.update(times_ms=[t * 1e3 for t in times], peak_mem_mb=mem.peak / 2**20,
-               peak_delta_mb=(mem.peak - mem.base) / 2**20, mem_kind=mem.kind)
+               peak_delta_mb=(mem.peak - mem.base) / 2**20, mem_kind=mem.kind,
+               load_timed=[load_start, _loadavg()])  # 1/5/15-min load averages around the timed iterations
 
     if case["flops"]:
         out["gflops"] = _count_flops(step) / 1e9
@@ -581,10 +583,14 @@ def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [r for r in rounds if r.get("status") == "ok"]
     if not ok:
         return rounds[-1]
-    merged = dict(ok[-1])
+    merged = dict(ok[0])
+    for r in ok[1:]:  # FLOPs and accuracy come from the first round
+        merged.update({k: v for k, v in r.items() if k not in merged})
+    merged["flops"], merged["accuracy"] = ok[0]["flops"], ok[0]["accuracy"]
     times = [t for r in ok for t in r["times_ms"]]
     merged["times_ms"] = times
     merged["round_medians_ms"] = [statistics.median(r["times_ms"]) for r in ok]
+    merged["load_timed"] = [r.get("load_timed") for r in ok]
     for key in ("peak_mem_mb", "peak_delta_mb"):
         merged[key] = statistics.median(r[key] for r in ok)
     merged["rounds_ok"] = len(ok)
@@ -654,9 +660,18 @@ def _fmt_acc(r: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _fmt_load(r: dict[str, Any]) -> str:
+    """The 1-minute load average when the timed iterations started (range over rounds)."""
+    starts = [l[0][0] for l in r.get("load_timed") or [] if l and l[0]]  # per round: [start, end]
+    if not starts:
+        return ""
+    lo, hi = min(starts), max(starts)
+    return f"{lo:.1f}" if hi - lo < 0.05 else f"{lo:.1f}-{hi:.1f}"
+
+
 def print_table(results: list[dict[str, Any]], file=sys.stdout) -> None:
     header = ["model", "mode", "dtype", "input", "cp", "median ms", "p90 ms", "img/s", "peak MB", "delta MB",
-              "GFLOPs", "accuracy (max rel[/norm rel])"]
+              "GFLOPs", "load", "accuracy (max rel[/norm rel])"]
     rows = []
     for r in results:
         size = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
@@ -667,7 +682,7 @@ def print_table(results: list[dict[str, Any]], file=sys.stdout) -> None:
         rows.append([r["model"], r["mode"], r["dtype"], size, "on" if r["with_cp"] else "",
                      f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['images_per_s']:.3f}",
                      f"{r['peak_mem_mb']:.0f}", f"{r['peak_delta_mb']:.0f}",
-                     f"{r['gflops']:.1f}" if "gflops" in r else "", _fmt_acc(r)])
+                     f"{r['gflops']:.1f}" if "gflops" in r else "", _fmt_load(r), _fmt_acc(r)])
     widths = [max(len(str(row[i])) for row in [header] + [r for r in rows if len(r) > i]) for i in range(len(header))]
     line = lambda cells: "  ".join(str(c).ljust(widths[i]) if i < len(widths) else str(c) for i, c in enumerate(cells))
     print(line(header), file=file)
@@ -710,6 +725,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     per_case: list[list[dict[str, Any]]] = [[] for _ in cases]
     for round_index in range(args.rounds):
         for i, case in enumerate(cases):
+            if round_index:  # FLOPs and accuracy do not change between rounds
+                case = dict(case, flops=False, accuracy=False)
             result = _run_isolated(case, args.case_timeout) if args.isolate else run_case(case)
             per_case[i].append(result)
             label = f"[round {round_index + 1}/{args.rounds}] {case['model']} {case['mode']} {case['dtype']}"
