@@ -14,7 +14,7 @@ Steps (each prints what it does and how long it took):
    ``DetLocalVisualizer`` and a PCA picture of the trained backbone's feature maps.
 
 Backbone weights: the published DINOv2 HieraDet-S weights are used when a local copy exists
-(``--weights PATH``, or the file in torch's hub cache, see docs/tools_and_demo.md); nothing is
+(``--weights PATH``, or the file in torch's hub cache, see the README); nothing is
 downloaded. Otherwise the demo says so and trains from random weights, for which the defaults
 are tuned so the detector visibly learns within the time budget.
 """
