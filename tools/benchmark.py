@@ -545,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run cases in this process (faster; peak memory then less meaningful)")
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds per isolated case")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: print the table and target checks of earlier --out files")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one JSON case, print result
     return parser
 
@@ -662,31 +665,39 @@ def _fmt_acc(r: dict[str, Any]) -> str:
 
 def _fmt_load(r: dict[str, Any]) -> str:
     """The 1-minute load average when the timed iterations started (range over rounds)."""
-    starts = [l[0][0] for l in r.get("load_timed") or [] if l and l[0]]  # per round: [start, end]
+    rounds = r.get("load_timed") or []  # per round: [start, end], each the 1/5/15-min averages
+    if rounds and rounds[0] and isinstance(rounds[0][0], (int, float)):
+        rounds = [rounds]  # a single round's [start, end]
+    starts = [l[0][0] for l in rounds if l and l[0]]
     if not starts:
         return ""
     lo, hi = min(starts), max(starts)
     return f"{lo:.1f}" if hi - lo < 0.05 else f"{lo:.1f}-{hi:.1f}"
 
 
-def print_table(results: list[dict[str, Any]], file=sys.stdout) -> None:
+def print_table(results: list[dict[str, Any]], file=sys.stdout, markdown: bool = False) -> None:
     header = ["model", "mode", "dtype", "input", "cp", "median ms", "p90 ms", "img/s", "peak MB", "delta MB",
-              "GFLOPs", "load", "accuracy (max rel[/norm rel])"]
+              "GFLOPs", "load", "accuracy (max rel / norm rel)"]
     rows = []
     for r in results:
         size = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
+        first = [r["model"], r["mode"], r["dtype"], size, "on" if r["with_cp"] else ""]
         if r.get("status") != "ok":
-            rows.append([r["model"], r["mode"], r["dtype"], size, "on" if r["with_cp"] else "",
-                         f"{r.get('status')}: {r.get('reason', '')}"[:110]])
+            rows.append(first + [""] * 7 + [f"{r.get('status')}: {r.get('reason', '')}"[:160]])
             continue
-        rows.append([r["model"], r["mode"], r["dtype"], size, "on" if r["with_cp"] else "",
-                     f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['images_per_s']:.3f}",
-                     f"{r['peak_mem_mb']:.0f}", f"{r['peak_delta_mb']:.0f}",
-                     f"{r['gflops']:.1f}" if "gflops" in r else "", _fmt_load(r), _fmt_acc(r)])
-    widths = [max(len(str(row[i])) for row in [header] + [r for r in rows if len(r) > i]) for i in range(len(header))]
+        rows.append(first + [f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['images_per_s']:.3f}",
+                             f"{r['peak_mem_mb']:.0f}", f"{r['peak_delta_mb']:.0f}",
+                             f"{r['gflops']:.1f}" if "gflops" in r else "", _fmt_load(r), _fmt_acc(r)])
+    if markdown:
+        print("| " + " | ".join(header) + " |", file=file)
+        print("|" + "|".join(" --- " for _ in header) + "|", file=file)
+        for row in rows:
+            print("| " + " | ".join(str(c) for c in row) + " |", file=file)
+        return
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header) - 1)]
     line = lambda cells: "  ".join(str(c).ljust(widths[i]) if i < len(widths) else str(c) for i, c in enumerate(cells))
     print(line(header), file=file)
-    print(line(["-" * w for w in widths]), file=file)
+    print(line(["-" * w for w in widths] + ["-" * len(header[-1])]), file=file)
     for row in rows:
         print(line(row), file=file)
 
@@ -720,6 +731,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.case:
         print(RESULT_TAG + json.dumps(run_case(json.loads(args.case))), flush=True)
         return {}
+    if args.from_json:
+        reports = [json.loads(path.read_text()) for path in args.from_json]
+        results = [r for report in reports for r in report["results"]]
+        print_table(results, markdown=args.markdown)
+        for report in reports:
+            print(f"\n{report['command']}\n  load before/after {report['load_before']} / {report['load_after']}, "
+                  f"threads {report['threads']}, {report['machine']['cpu']}")
+        for line in targets(results):
+            print("target check:", line)
+        return dict(results=results, targets=targets(results))
     cases = make_cases(args)
     load_before = _loadavg()
     per_case: list[list[dict[str, Any]]] = [[] for _ in cases]
@@ -744,7 +765,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   machine=machine_info(args.device), threads=args.threads, device=args.device,
                   load_before=load_before, load_after=_loadavg(), rounds=args.rounds, results=results,
                   targets=targets(results))
-    print_table(results)
+    print_table(results, markdown=args.markdown)
     print(f"\nload average before/after: {load_before} / {report['load_after']}; threads {args.threads}; "
           f"{report['machine']['cpu']}")
     for line in report["targets"]:
