@@ -242,13 +242,44 @@ def check_built_detector(model: torch.nn.Module) -> None:
     check_detector(unwrap(model))
 
 
+def _contiguous_features(module, args):
+    feats, *rest = args
+    return (feats.contiguous(), *rest) if isinstance(feats, torch.Tensor) and not feats.is_contiguous() else None
+
+
+def guard_roi_ops(model: torch.nn.Module) -> int:
+    """Give mmcv's RoI ops contiguous NCHW feature maps; returns how many ops were guarded.
+
+    mmcv's RoIAlign / RoIPool kernels index the feature map as contiguous NCHW memory and
+    silently return wrong features for any other layout. HieraDet hands out NCHW *views* of
+    channels-last memory, so the FPN's convolutions produce channels-last maps, and without
+    this every RoI feature of a Faster/Mask R-CNN is scrambled (measured: a linear probe on
+    RoIAlign features at ground-truth boxes is at chance level, 33% for 3 classes, while the
+    same FPN maps mean-pooled in the box give 100%). A forward pre-hook copies such maps to
+    contiguous memory right before each RoI op; contiguous inputs pass untouched.
+    """
+    try:
+        from mmcv.ops import RoIAlign, RoIPool
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (RoIAlign, RoIPool)) and not getattr(module, "_hieradet_contiguous_guard", False):
+            module.register_forward_pre_hook(_contiguous_features)
+            module._hieradet_contiguous_guard = True
+            count += 1
+    return count
+
+
 def build_runner(cfg):
-    """The runner the config asks for (``runner_type``) or MMEngine's ``Runner``, model checked."""
+    """The runner the config asks for (``runner_type``) or MMEngine's ``Runner``, model checked
+    and its RoI ops guarded (:func:`guard_roi_ops`)."""
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
     check_built_detector(runner.model)
+    guard_roi_ops(runner.model)
     return runner
 
 

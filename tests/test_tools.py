@@ -294,6 +294,37 @@ def test_visualize_features_from_a_detector_checkpoint(trained, tiny, tmp_path):
     assert proc.returncode == 1 and "nope.png does not exist" in proc.stderr
 
 
+def test_roi_features_do_not_depend_on_the_memory_layout(tiny):
+    """mmcv's RoIAlign reads channels-last maps (what HieraDet's views give the FPN) as if they
+    were NCHW; the tools guard every RoI op of the model they build."""
+    from mmcv.ops import RoIAlign
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from hieradet_mmdet.runtime import guard_roi_ops
+    from mmdet.registry import MODELS
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 24, 24)
+    rois = torch.tensor([[0, 2.0, 3.0, 15.0, 20.0], [0, 10.0, 1.0, 23.0, 9.0]])
+    op = RoIAlign((7, 7), spatial_scale=1.0, sampling_ratio=0)
+    reference = op(x, rois)
+    assert guard_roi_ops(torch.nn.Sequential(op)) == 1
+    assert torch.allclose(op(x.contiguous(memory_format=torch.channels_last), rois), reference)
+
+    config, _ = tiny
+    init_default_scope("mmdet")
+    model = MODELS.build(Config.fromfile(str(config)).model).eval()
+    assert guard_roi_ops(model) > 0 and guard_roi_ops(model) == 0  # idempotent
+    with torch.no_grad():
+        feats = model.extract_feat(torch.randn(1, 3, SIZE, SIZE))
+        ext = model.roi_head.bbox_roi_extractor
+        boxes = torch.tensor([[0, 8.0, 8.0, 60.0, 60.0], [0, 30.0, 40.0, 100.0, 120.0]])
+        got = ext(feats[:ext.num_inputs], boxes)
+        expected = ext([f.contiguous() for f in feats[:ext.num_inputs]], boxes)
+    assert torch.allclose(got, expected)
+
+
 def test_prepare_config_for_cpu_data_parallel(monkeypatch):
     from mmengine.config import Config
 
