@@ -30,7 +30,7 @@ def test_benchmark_writes_the_documented_fields(tmp_path):
     tool = load_tool()
     out = tmp_path / "bench.json"
     report = tool.main(["--models", "hieradet_small", "birder_small", "--mode", "backbone", "--dtype", "fp32",
-                        "bf16", "--sizes", "64x96", "--iters", "2", "--warmup", "1", "--threads", "1",
+                        "bf16", "--sizes", "64x96", "--iters", "1", "--warmup", "0", "--threads", "1",
                         "--no-isolate", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
@@ -40,7 +40,7 @@ def test_benchmark_writes_the_documented_fields(tmp_path):
     ours32, ours16 = rows["hieradet_small", "fp32"], rows["hieradet_small", "bf16"]
     for row in (ours32, ours16):
         assert row["status"] == "ok"
-        assert len(row["times_ms"]) == 2 and row["p90_ms"] >= row["median_ms"] > 0
+        assert len(row["times_ms"]) == 1 and row["p90_ms"] >= row["median_ms"] > 0
         assert row["images_per_s"] == pytest.approx(1e3 / row["median_ms"])
         assert row["peak_mem_mb"] > 0 and "peak_delta_mb" in row and row["mem_kind"]
         assert row["gflops"] > 1.0  # matmuls + attention: ~3.9 GFLOPs at 64x96
