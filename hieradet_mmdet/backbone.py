@@ -24,6 +24,13 @@ class HieraDetBackbone(HieraDet, BaseModule):
         HieraDet.__init__(self, arch, **kwargs)  # runs BaseModule.__init__ through the MRO
         self.init_cfg = copy.deepcopy(init_cfg)
 
+    def forward(self, x):
+        # The trunk hands out NCHW views of channels-last memory. Convolutions keep that layout,
+        # and mmcv's CPU RoIAlign/RoIPool index their input as contiguous NCHW without checking,
+        # so FPN maps derived from views would scramble every RoI feature: hand MMDetection
+        # contiguous maps.
+        return tuple(out.contiguous() for out in super().forward(x))
+
     def init_weights(self) -> None:
         if self.init_cfg and self.init_cfg.get("type") == "Pretrained":
             from .checkpoint import load_backbone_weights

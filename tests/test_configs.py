@@ -325,3 +325,17 @@ def test_wrong_arch_fails_with_choices():
     cfg.model.backbone.arch = "smal"
     with pytest.raises(ValueError, match="Unknown HieraDet arch 'smal'; choose one of tiny, small"):
         build_detector(cfg)
+
+
+def test_detector_roi_features_are_right_without_any_tool_guard():
+    """Built by plain MMDetection (no tools/ code): RoIAlign must see correctly laid-out maps."""
+    cfg = load_config("maskrcnn_hieradet_s.py")
+    model = build_detector(cfg).eval()
+    with torch.no_grad():
+        feats = model.extract_feat(torch.randn(1, 3, 96, 128))
+        assert all(f.is_contiguous() for f in model.backbone(torch.randn(1, 3, 96, 128)))
+        ext = model.roi_head.bbox_roi_extractor
+        boxes = torch.tensor([[0, 8.0, 8.0, 60.0, 60.0], [0, 30.0, 20.0, 100.0, 90.0]])
+        got = ext(feats[:ext.num_inputs], boxes)
+        expected = ext([f.contiguous() for f in feats[:ext.num_inputs]], boxes)
+    assert torch.allclose(got, expected)
