@@ -61,10 +61,22 @@ def test_isolated_case_reports_memory_of_its_own_process():
     tool = load_tool()
     case = dict(model="hieradet_d_small", mode="backbone-train", dtype="fp32", size=[64, 64], batch=1,
                 with_cp=True, device="cpu", threads=1, iters=1, warmup=0, flops=False, accuracy=False)
-    result = tool._run_isolated(case, timeout=120)
+    (result,) = tool._run_isolated([case], paired=False, timeout=120)
     assert result["status"] == "ok", result.get("reason")
     assert result["peak_mem_mb"] > result["peak_delta_mb"] > 0
     assert "gflops" not in result
+
+
+def test_paired_runs_interleave_models_in_one_process():
+    tool = load_tool()
+    report = tool.main(["--models", "hieradet_small", "hieradet_d_small", "--mode", "backbone", "--sizes", "32x64",
+                        "--iters", "2", "--warmup", "0", "--threads", "1", "--no-isolate", "--paired", "--no-flops",
+                        "--no-accuracy"])
+    rows = report["results"]
+    assert [r["model"] for r in rows] == ["hieradet_small", "hieradet_d_small"]
+    for r in rows:
+        assert r["status"] == "ok" and len(r["times_ms"]) == 2 and r["median_ms"] > 0
+        assert r["paired_with"] == ["hieradet_small", "hieradet_d_small"] and "peak_mem_mb" not in r
 
 
 def test_cli_rejects_bad_sizes():

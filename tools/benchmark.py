@@ -386,14 +386,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Run one case in this process; returns its result (status 'ok', 'skipped' or 'error')."""
+def _guarded(case: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """dict(case, **fn()) with status 'ok', or the case with status 'skipped' / 'error'."""
     import torch
 
     result = dict(case)
     threads = torch.get_num_threads()
     try:
-        result.update(_run_case(case))
+        result.update(fn())
         result["status"] = "ok"
     except Skip as why:
         result.update(status="skipped", reason=str(why))
@@ -405,7 +405,54 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _run_case(case: dict[str, Any]) -> dict[str, Any]:
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Run one case in this process; returns its result (status 'ok', 'skipped' or 'error')."""
+    return _guarded(case, lambda: _run_case(case))
+
+
+def run_paired(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cases that differ only in the model, in one process with their timed iterations
+    interleaved (A B C A B C ...), so that load changing over time hits all of them alike.
+    Peak memory is not separable here; take it from unpaired runs."""
+    prepared: list[Optional[dict[str, Any]]] = []
+    results = []
+    for case in cases:
+        holder: dict[str, Any] = {}
+
+        def prep(case=case, holder=holder):
+            holder.update(_prepare(case))
+            for _ in range(case["warmup"]):
+                holder["step"]()
+            _sync(case["device"])
+            return {"params_m": holder["params_m"]}
+
+        results.append(_guarded(case, prep))
+        prepared.append(holder if results[-1]["status"] == "ok" else None)
+    live = [i for i, p in enumerate(prepared) if p is not None]
+    for i in live:
+        results[i].update(times_ms=[], load_timed=[_loadavg(), None], paired_with=[cases[j]["model"] for j in live],
+                          mem_kind="not measured (paired)")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cases[0]["threads"])
+    try:
+        for _ in range(cases[0]["iters"]):
+            for i in live:
+                start = time.perf_counter()
+                prepared[i]["step"]()
+                _sync(cases[i]["device"])
+                results[i]["times_ms"].append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    for i in live:
+        results[i]["load_timed"][1] = _loadavg()
+        results[i] = _guarded(results[i], lambda i=i: _extras(cases[i], prepared[i]))
+    return results
+
+
+def _prepare(case: dict[str, Any]) -> dict[str, Any]:
+    """Build the model and input of a case: dict(model, forward, x, step, params_m)."""
     import torch
 
     device, dtype, mode, name = case["device"], case["dtype"], case["mode"], case["model"]
@@ -414,9 +461,8 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
         raise Skip("CUDA is not available")
     torch.set_num_threads(case["threads"])
     torch.manual_seed(SEED)
-    out: dict[str, Any] = {}
 
-    x = None
+    x = forward = None
     if mode.startswith("backbone"):
         training = mode == "backbone-train"
         model, forward = build_backbone(name, size, case["with_cp"])
@@ -458,8 +504,14 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
             def step():
                 with torch.no_grad(), _autocast(device, dtype):
                     return model(inputs, samples, mode="predict")
+    return dict(model=model, forward=forward, x=x, step=step,
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
 
-    out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+
+def _run_case(case: dict[str, Any]) -> dict[str, Any]:
+    prep = _prepare(case)
+    out: dict[str, Any] = {"params_m": prep["params_m"]}
+    device, step = case["device"], prep["step"]
     for _ in range(case["warmup"]):
         step()
     _sync(device)
@@ -475,11 +527,17 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     out.update(times_ms=[t * 1e3 for t in times], peak_mem_mb=mem.peak / 2**20,
                peak_delta_mb=(mem.peak - mem.base) / 2**20, mem_kind=mem.kind,
                load_timed=[load_start, _loadavg()])  # 1/5/15-min load averages around the timed iterations
+    out.update(_extras(case, prep))
+    return out
 
+
+def _extras(case: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs and accuracy (untimed)."""
+    out = {}
     if case["flops"]:
-        out["gflops"] = _count_flops(step) / 1e9
-    if mode == "backbone" and case["accuracy"]:
-        out.update(_accuracy(case, model, forward, x))
+        out["gflops"] = _count_flops(prep["step"]) / 1e9
+    if case["mode"] == "backbone" and case["accuracy"]:
+        out.update(_accuracy(case, prep["model"], prep["forward"], prep["x"]))
     return out
 
 
@@ -543,12 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip parity vs birder and error vs fp32")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="run cases in this process (faster; peak memory then less meaningful)")
+    parser.add_argument("--paired", action="store_true",
+                        help="run the models of each mode/dtype/size in one process with their iterations "
+                             "interleaved: fair time ratios on a machine whose load changes (no peak memory)")
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds per isolated case")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
                         help="run nothing: print the table and target checks of earlier --out files")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one JSON case, print result
+    parser.add_argument("--group", help=argparse.SUPPRESS)  # internal: run JSON cases paired
     return parser
 
 
@@ -567,18 +629,23 @@ def make_cases(args) -> list[dict[str, Any]]:
     return cases
 
 
-def _run_isolated(case: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(case["threads"]), MKL_NUM_THREADS=str(case["threads"]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(case)]
+def _run_isolated(cases: list[dict[str, Any]], paired: bool, timeout: float) -> list[dict[str, Any]]:
+    """Run a case (or a paired group) in a fresh process; one result per case."""
+    threads = str(cases[0]["threads"])
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    arg = ["--group", json.dumps(cases)] if paired else ["--case", json.dumps(cases[0])]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *arg]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
     except subprocess.TimeoutExpired:
-        return dict(case, status="error", reason=f"timed out after {timeout:.0f} s")
+        return [dict(case, status="error", reason=f"timed out after {timeout:.0f} s") for case in cases]
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            result = json.loads(line[len(RESULT_TAG):])
+            return result if paired else [result]
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-    return dict(case, status="error", reason=f"case process exited with {proc.returncode}: " + " | ".join(tail))
+    reason = f"case process exited with {proc.returncode}: " + " | ".join(tail)
+    return [dict(case, status="error", reason=reason) for case in cases]
 
 
 def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -595,7 +662,8 @@ def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     merged["round_medians_ms"] = [statistics.median(r["times_ms"]) for r in ok]
     merged["load_timed"] = [r.get("load_timed") for r in ok]
     for key in ("peak_mem_mb", "peak_delta_mb"):
-        merged[key] = statistics.median(r[key] for r in ok)
+        if all(key in r for r in ok):
+            merged[key] = statistics.median(r[key] for r in ok)
     merged["rounds_ok"] = len(ok)
     return merged
 
@@ -637,7 +705,7 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
         for name in ("hieradet_small", "hieradet_d_small"):
             off = _find(results, model=name, mode="backbone-train", dtype="fp32", size=s, with_cp=False)
             on = _find(results, model=name, mode="backbone-train", dtype="fp32", size=s, with_cp=True)
-            if off and on:
+            if off and on and "peak_delta_mb" in off and "peak_delta_mb" in on:
                 lines.append(f"{name} backbone-train {tag} with_cp peak delta {on['peak_delta_mb']:.0f} MB vs "
                              f"{off['peak_delta_mb']:.0f} MB -> {on['peak_delta_mb'] / off['peak_delta_mb']:.2f}x; "
                              f"time {on['median_ms'] / off['median_ms']:.2f}x")
@@ -686,7 +754,8 @@ def print_table(results: list[dict[str, Any]], file=sys.stdout, markdown: bool =
             rows.append(first + [""] * 7 + [f"{r.get('status')}: {r.get('reason', '')}"[:160]])
             continue
         rows.append(first + [f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['images_per_s']:.3f}",
-                             f"{r['peak_mem_mb']:.0f}", f"{r['peak_delta_mb']:.0f}",
+                             f"{r['peak_mem_mb']:.0f}" if "peak_mem_mb" in r else "paired",
+                             f"{r['peak_delta_mb']:.0f}" if "peak_delta_mb" in r else "",
                              f"{r['gflops']:.1f}" if "gflops" in r else "", _fmt_load(r), _fmt_acc(r)])
     if markdown:
         print("| " + " | ".join(header) + " |", file=file)
@@ -731,6 +800,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.case:
         print(RESULT_TAG + json.dumps(run_case(json.loads(args.case))), flush=True)
         return {}
+    if args.group:
+        print(RESULT_TAG + json.dumps(run_paired(json.loads(args.group))), flush=True)
+        return {}
     if args.from_json:
         reports = [json.loads(path.read_text()) for path in args.from_json]
         results = [r for report in reports for r in report["results"]]
@@ -744,19 +816,28 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     cases = make_cases(args)
     load_before = _loadavg()
     per_case: list[list[dict[str, Any]]] = [[] for _ in cases]
+    groups: dict[tuple, list[int]] = {}
+    for i, case in enumerate(cases):  # paired: the cases that differ only in the model run together
+        key = tuple(json.dumps(v) for k, v in sorted(case.items()) if k != "model") if args.paired else (i,)
+        groups.setdefault(key, []).append(i)
     for round_index in range(args.rounds):
-        for i, case in enumerate(cases):
+        for members in groups.values():
+            group = [cases[i] for i in members]
             if round_index:  # FLOPs and accuracy do not change between rounds
-                case = dict(case, flops=False, accuracy=False)
-            result = _run_isolated(case, args.case_timeout) if args.isolate else run_case(case)
-            per_case[i].append(result)
-            label = f"[round {round_index + 1}/{args.rounds}] {case['model']} {case['mode']} {case['dtype']}"
-            status = result.get("status")
-            if status == "ok":
-                label += f": median {statistics.median(result['times_ms']):.1f} ms"
+                group = [dict(case, flops=False, accuracy=False) for case in group]
+            if args.isolate:
+                results = _run_isolated(group, args.paired, args.case_timeout)
             else:
-                label += f": {status} ({result.get('reason', '')[:120]})"
-            print(label, file=sys.stderr, flush=True)
+                results = run_paired(group) if args.paired else [run_case(group[0])]
+            for i, case, result in zip(members, group, results):
+                per_case[i].append(result)
+                label = f"[round {round_index + 1}/{args.rounds}] {case['model']} {case['mode']} {case['dtype']}"
+                status = result.get("status")
+                if status == "ok":
+                    label += f": median {statistics.median(result['times_ms']):.1f} ms"
+                else:
+                    label += f": {status} ({result.get('reason', '')[:120]})"
+                print(label, file=sys.stderr, flush=True)
     results = [_merge_rounds(r) for r in per_case]
     for r in results:
         summarize_times(r)
