@@ -10,7 +10,8 @@ held when the timed iterations start ("delta": activations and temporaries of on
 Modes:
   backbone        forward of the backbone alone, no autograd
   backbone-train  forward + backward of the backbone (loss: mean of squared outputs)
-  detector-infer  Mask R-CNN + FPN inference (mode='predict'), no autograd
+  detector-infer  Mask R-CNN + FPN inference (mode='predict'), no autograd; the R-CNN score
+                  threshold is 0 so every model segments its 100 best detections
   detector-train  Mask R-CNN + FPN train step: forward, losses, backward, AdamW step
 
 Models: hieradet_small / hieradet_d_small (this repo; windowed SAM2 layout / global layout),
@@ -260,6 +261,10 @@ def _mmdet_config(name: str, arch: Optional[str], with_cp: bool):
         cfg = Config.fromfile(_config_path(MODELS[name]["config"]))
     cfg.model.backbone.init_cfg = None  # random weights: no download, same cost
     cfg.model.backbone.with_cp = with_cp
+    # Random weights give few or many detections above the usual 0.05 score threshold; keep every
+    # detection (up to max_per_img) so the mask head always does the same work in every model.
+    if cfg.model.get("test_cfg", {}).get("rcnn") is not None:
+        cfg.model.test_cfg.rcnn.score_thr = 0.0
     return cfg
 
 
