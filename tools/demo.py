@@ -27,6 +27,7 @@ import os
 import os.path as osp
 import sys
 import time
+import warnings
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.dirname(osp.abspath(__file__))
@@ -179,6 +180,9 @@ def main(argv=None) -> int:
     from hieradet_mmdet.runtime import enforce_safe_loading
 
     enforce_safe_loading()
+    # mmengine and mmcv import pkg_resources (hence the setuptools<81 pin); its deprecation
+    # warning, printed once per import, would bury the demo's own output.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     import torch
 
     torch.set_num_threads(max(1, args.threads))
