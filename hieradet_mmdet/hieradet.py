@@ -3,27 +3,30 @@
 Each stage after the first starts with a block that halves the resolution by max-pooling the
 queries ("q-pool") and widens the channels; blocks attend either inside non-overlapping windows
 or globally. Inside the trunk the tokens are a flat (B, N, C) stream in whatever order the next
-blocks need (see "Token order" below); the stage outputs are NCHW views of channels-last maps.
+blocks need (:mod:`.token_layout`); the stage outputs are NCHW views of channels-last maps.
 
 Numerically this follows birder's ``birder.net.hieradet`` (the reference our tests compare
 against), including its quirks: windows are zero-padded *after* norm1 and the padding takes
 part in attention, and the first block of a stage uses the previous stage's window size.
 
-Speed (CPU, see docs/benchmark.md): no per-block window partition / unpartition / pad / crop
-copies, q-pooling as a max over contiguous planes, and in inference oneDNN linears with the
-bias, GELU and residual add fused in (fp32, and bf16 under autocast).
+Speed (CPU, see the README's benchmarks): no per-block window partition / unpartition / pad /
+crop copies, q-pooling as a max over contiguous planes, and in inference oneDNN linears with
+the bias, GELU and residual add fused in (:mod:`.fused_linear`; they bypass forward hooks on
+the ``nn.Linear`` modules, ``HIERADET_FUSED_LINEAR=0`` turns them off).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .fused_linear import fused_dtype, linear, linear_residual
+from .token_layout import BlockStep, Gather, TokenLayout, build_plan, pool_planes, relay, zero_slots
 
 # Per-size architecture; window_spec and global_att_blocks are the layout (see LAYOUTS).
 ARCH_SETTINGS: dict[str, dict] = {
@@ -105,265 +108,6 @@ def _first_blocks(depths: Sequence[int]) -> set[int]:
     return {sum(depths[:s]) for s in range(1, len(depths))}
 
 
-# ---------------------------------------------------------------------------------------------
-# Token order.
-#
-# The trunk keeps its tokens as a flat (B, N, C) stream in an order (a TokenLayout) chosen so that
-# blocks need no per-block partition / unpartition copies:
-#   * windowed attention only needs the tokens of a window to be adjacent; inside a window any
-#     order works, as attention (without position bias) is permutation-equivariant;
-#   * global attention takes any order of the tokens;
-#   * q-pooling needs the four members of every 2x2 cell; we store them as four contiguous
-#     "planes", so pooling is a max over four equal blocks, and its result is already in the
-#     order the following blocks want (recursively, for several pooling levels);
-#   * LayerNorm, the MLP and the residual adds are per token.
-# So a run of blocks whose windows tile the map (and the q-pools between them) shares one layout.
-# The stream itself is never padded: a block whose windows need padding gathers its normalised
-# tokens into padded windows, zeroes the pad slots (exactly birder's zero padding after norm1),
-# and gathers the attention output back, so its projection and MLP never see pad slots. A gather
-# (index_select over whole rows) also re-lays the stream where the next block needs another
-# layout, and produces the stage outputs.
-# ---------------------------------------------------------------------------------------------
-
-
-def _plane_order(h: int, w: int, levels: int) -> torch.Tensor:
-    """Row-major positions of an h x w grid in "plane" order for ``levels`` rounds of 2x2 pooling:
-    the four members (dy, dx) of every 2x2 cell go to four consecutive equal blocks, each block
-    itself in plane order for the next level; cells a floor-mode pooling drops go last."""
-    if levels == 0 or h < 2 or w < 2:
-        return torch.arange(h * w)
-    h2, w2 = h // 2, w // 2
-    inner = _plane_order(h2, w2, levels - 1)
-    r, c = inner // w2, inner % w2
-    planes = [(2 * r + dy) * w + (2 * c + dx) for dy in (0, 1) for dx in (0, 1)]
-    rows, cols = torch.arange(h)[:, None], torch.arange(w)[None, :]
-    tail = ((rows >= 2 * h2) | (cols >= 2 * w2)).flatten().nonzero().flatten()
-    return torch.cat(planes + [tail])
-
-
-class TokenLayout:
-    """How a (B, N, C) token stream stores an h x w map.
-
-    ``window`` > 0: windows of window x window tokens on a (nh, nw) grid, one after the other,
-    padded at the bottom / right; ``window`` == 0: one group holding all tokens, no padding.
-    ``levels``: how many 2x2 q-poolings the order inside a group supports (see _plane_order)."""
-
-    def __init__(self, h: int, w: int, window: int, levels: int, grid: Optional[tuple[int, int]] = None) -> None:
-        self.h, self.w, self.window, self.levels = h, w, window, levels
-        if window > 0:
-            self.grid = grid or (-(-h // window), -(-w // window))
-            nh, nw = self.grid
-            inner = _plane_order(window, window, levels)
-            rows = (torch.arange(nh) * window)[:, None, None] + (inner // window)[None, None, :]
-            cols = (torch.arange(nw) * window)[None, :, None] + (inner % window)[None, None, :]
-            rows, cols = rows.expand(nh, nw, -1).flatten(), cols.expand(nh, nw, -1).flatten()
-            pad = (rows >= h) | (cols >= w)
-            self.src = rows.clamp(max=h - 1) * w + cols.clamp(max=w - 1)
-            self.groups = nh * nw
-        else:
-            self.grid = None
-            self.src = _plane_order(h, w, levels)
-            pad = torch.zeros(self.src.shape, dtype=torch.bool)
-            self.groups = 1
-        self.n = self.src.numel()
-        self.has_pad = bool(pad.any())
-        self.pad_mask = pad[:, None] if self.has_pad else None
-        # The pad slots as runs of consecutive slots: zeroing a few slices is cheaper than a mask.
-        edge = torch.zeros(1, dtype=torch.bool)
-        starts = (pad & ~torch.cat([edge, pad[:-1]])).nonzero().flatten().tolist()
-        stops = (pad & ~torch.cat([pad[1:], edge])).nonzero().flatten().add(1).tolist()
-        self.pad_runs = list(zip(starts, stops))
-        real = ~pad
-        self.inv = torch.empty(h * w, dtype=torch.long)  # map position -> slot
-        self.inv[self.src[real]] = torch.arange(self.n)[real]
-        self.plain = not self.has_pad and torch.equal(self.src, torch.arange(h * w))
-
-    def to(self, device: torch.device) -> "TokenLayout":
-        """This layout with its index tensors on ``device`` (cached)."""
-        device = torch.device(device)
-        if self.src.device == device:
-            return self
-        cache = self.__dict__.setdefault("_on", {})
-        if device not in cache:
-            moved = object.__new__(TokenLayout)
-            moved.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_on"})
-            for name in ("src", "inv", "pad_mask"):
-                if getattr(self, name) is not None:
-                    setattr(moved, name, getattr(self, name).to(device))
-            cache[device] = moved
-        return cache[device]
-
-    def pooled(self) -> "TokenLayout":
-        """The layout a q-pool block writes: the max over the first level of planes."""
-        if self.window:
-            return TokenLayout(self.h // 2, self.w // 2, self.window // 2, self.levels - 1, self.grid)
-        return TokenLayout(self.h // 2, self.w // 2, 0, self.levels - 1)
-
-    def pooled_per_group(self) -> int:
-        """Query tokens per group after a q-pool (each of the four planes holds that many)."""
-        return (self.window // 2) ** 2 if self.window else (self.h // 2) * (self.w // 2)
-
-
-
-def _zero_slots(x: torch.Tensor, runs: Sequence[tuple[int, int]], mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Zero slots of a (B, N, C) stream in place: a few runs of slots as slices, else by mask
-    (always under autograd, where every sliced write would cost a full copy of the gradient)."""
-    if len(runs) <= 32 and not (torch.is_grad_enabled() and x.requires_grad):
-        for start, stop in runs:
-            x[:, start:stop] = 0.0
-    elif mask is not None:
-        x.masked_fill_(mask, 0.0)
-    return x
-
-
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    b, n, c = x.shape
-    if b > 1:
-        index = (torch.arange(b, device=index.device) * n)[:, None].add(index[None]).flatten()
-    out = x.new_empty(b, index.numel() // b, c)  # (not a view: the result may be written in place)
-    torch.index_select(x.reshape(b * n, c), 0, index, out=out.view(-1, c))
-    return out
-
-
-class Gather:
-    """Re-lays a (B, N, C) token stream from one TokenLayout into another as one row gather.
-
-    Its gradient is again a gather (``back``) instead of index_select's scatter-add into zeros:
-    each source slot takes the gradient of the one destination slot that holds its position.
-    That is exact because the other copies (pad slots of the destination) are zeroed right after
-    the forward gather, and source slots nobody reads (its pads) get zero (``zero_runs``)."""
-
-    __slots__ = ("index", "back", "zero_runs", "zero_mask")
-
-    def __init__(self, index, back, zero_runs=(), zero_mask=None) -> None:
-        self.index, self.back, self.zero_runs, self.zero_mask = index, back, list(zero_runs), zero_mask
-
-    @staticmethod
-    def between(src: TokenLayout, dst: TokenLayout) -> Optional["Gather"]:
-        """From a stream in ``src`` to ``dst`` (dst pads get copies of real tokens); None if equal."""
-        index = src.inv[dst.src]
-        if src.n == dst.n and not (src.has_pad or dst.has_pad) and torch.equal(index, torch.arange(dst.n)):
-            return None
-        return Gather(index, dst.inv[src.src], src.pad_runs, src.pad_mask)
-
-    def to(self, device: torch.device) -> "Gather":
-        move = lambda t: None if t is None else t.to(device)
-        return Gather(move(self.index), move(self.back), self.zero_runs, move(self.zero_mask))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _GatherFunction.apply(x, self)
-        return _gather_rows(x, self.index)
-
-
-def _relay(gather: Optional[Gather], x: torch.Tensor) -> torch.Tensor:
-    return x if gather is None else gather(x)
-
-
-class _GatherFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, gather: Gather) -> torch.Tensor:
-        ctx.gather = gather
-        return _gather_rows(x, gather.index)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        g = ctx.gather
-        return _zero_slots(_gather_rows(grad.contiguous(), g.back), g.zero_runs, g.zero_mask), None
-
-
-def _pool_planes(x: torch.Tensor, groups: int, m: int) -> torch.Tensor:
-    """2x2 max pooling in plane order: the max over the first four blocks of m tokens of every group.
-    x: (B * groups, tokens per group, ...) -> (B * groups, m, ...)."""
-    planes = x[:, :4 * m].unflatten(1, (4, m))
-    if torch.is_grad_enabled() and x.requires_grad:
-        return planes.max(1).values  # its backward scatters into the max (as MaxPool2d), amax's splits ties
-    return planes.amax(1)
-
-
-# Inference-only fused CPU linears: oneDNN applies the bias, the GELU and the residual add inside
-# the matmul (the kernels inductor uses), which saves the addmm bias copy and two passes over the
-# activations. fp32, and bf16 under CPU autocast (where they run in bf16 as autocast would).
-# Probed once per dtype; HIERADET_FUSED_LINEAR=0 turns them off.
-_FUSED_STATE: dict[object, bool] = {}
-
-
-def fused_linear_available(dtype: torch.dtype = torch.float32) -> bool:
-    if dtype not in _FUSED_STATE:
-        ok = (_FUSED_STATE.get("enabled", True) and os.environ.get("HIERADET_FUSED_LINEAR", "1") != "0"
-              and torch.backends.mkldnn.is_available())
-        if ok:
-            try:
-                with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                    x, w, b, r = (torch.randn(*s).to(dtype) for s in ((5, 8), (6, 8), (6,), (5, 6)))
-                    g = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-                    a = torch.ops.mkldnn._linear_pointwise.binary(x, r, w, b, "add")
-                    ref = F.linear(x.float(), w.float(), b.float())
-                    tol = 1e-5 if dtype == torch.float32 else 5e-2
-                    ok = (g.dtype == a.dtype == dtype and torch.allclose(g.float(), F.gelu(ref), atol=tol)
-                          and torch.allclose(a.float(), r.float() + ref, atol=tol))
-            except Exception:  # an op missing or refusing in this build: use the plain path
-                ok = False
-        _FUSED_STATE[dtype] = bool(ok)
-    return _FUSED_STATE[dtype]
-
-
-def set_fused_linear(enabled: Optional[bool]) -> Optional[bool]:
-    """Turn the fused inference linears off (False) or back to auto-detection (None / True);
-    returns the previous setting. E.g. FLOP counters only see plain aten linears."""
-    previous = _FUSED_STATE.get("enabled", True)
-    _FUSED_STATE.clear()
-    _FUSED_STATE["enabled"] = enabled is not False
-    return previous
-
-
-def _fused_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype the fused linears run in for input ``x`` here, or None for the plain path
-    (autograd, other devices, other autocast dtypes, no oneDNN)."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-        if dtype != torch.bfloat16:
-            return None
-    else:
-        dtype = x.dtype
-    return dtype if fused_linear_available(dtype) else None
-
-
-def _linear(x: torch.Tensor, layer: nn.Linear, fused: Optional[torch.dtype], gelu: bool = False) -> torch.Tensor:
-    if fused is not None:
-        y = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, x.shape[-1]).to(fused), layer.weight.to(fused), layer.bias.to(fused),
-            "gelu" if gelu else "none", [], "none" if gelu else "")
-        return y.view(*x.shape[:-1], -1)
-    y = layer(x)
-    return F.gelu(y) if gelu else y
-
-
-def _linear_residual(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor, fused: Optional[torch.dtype],
-                     rate: float = 0.0, training: bool = False) -> torch.Tensor:
-    """residual + drop_path(layer(x)), in the dtype type promotion gives (as under autocast)."""
-    if fused is not None and residual.dtype == fused:
-        return torch.ops.mkldnn._linear_pointwise.binary(
-            x.reshape(-1, x.shape[-1]).to(fused), residual.reshape(-1, residual.shape[-1]),
-            layer.weight.to(fused), layer.bias.to(fused), "add").view(residual.shape)
-    y = drop_path(_linear(x, layer, fused), rate, training)
-    if not torch.is_grad_enabled() and y.dtype == torch.result_type(y, residual):
-        return y.add_(residual)  # y is ours; saves an allocation
-    return residual + y
-
-
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample, rescaling the survivors."""
-    if rate == 0.0 or not training:
-        return x
-    keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
-
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -389,12 +133,12 @@ class MultiScaleAttention(nn.Module):
     def attend(self, x: torch.Tensor, groups: int, pooled: int, fused: Optional[torch.dtype]) -> torch.Tensor:
         """(B, N, C) -> attention output before ``proj``: (B, groups * queries per group, dim_out)."""
         b, n, _ = x.shape
-        qkv = _linear(x, self.qkv, fused)
+        qkv = linear(x, self.qkv, fused)
         head_dim = qkv.shape[-1] // (3 * self.num_heads)
         # q, k, v stay strided views of qkv: SDPA reads them in place.
         q, k, v = qkv.view(b * groups, n // groups, 3, self.num_heads, head_dim).unbind(2)
         if self.q_pool:
-            q = _pool_planes(q, groups, pooled)
+            q = pool_planes(q, groups, pooled)
         x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return x.transpose(1, 2).reshape(b, -1, self.num_heads * head_dim)
 
@@ -424,16 +168,16 @@ class MultiScaleBlock(nn.Module):
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio))
         self.proj = nn.Linear(dim, dim_out) if dim != dim_out else None
 
-    def forward(self, x: torch.Tensor, step: Optional["_Step"] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Optional["BlockStep"] = None) -> torch.Tensor:
         """x: a (B, N, C) token stream laid out as ``step`` says (see HieraDet._plan), or a
         (B, H, W, C) map (then converted here and back)."""
         if step is None:
             b, h, w, _ = x.shape
-            step = _Step.single(self, h, w).to(x.device)
+            step = BlockStep.single(self, h, w).to(x.device)
             x = self.forward(x.reshape(b, h * w, -1), step)
             return x.view(b, step.after.h, step.after.w, -1)
 
-        fused = None if (self.training and self.drop_path_rate > 0) else _fused_dtype(x)
+        fused = None if (self.training and self.drop_path_rate > 0) else fused_dtype(x)
         rate, training = self.drop_path_rate, self.training
         win = step.win
         attn_layout = win if win is not None else step.layout
@@ -444,58 +188,21 @@ class MultiScaleBlock(nn.Module):
         if win is not None:
             # Windows that need padding: gather the normalised tokens into padded windows and zero
             # the pad slots (birder zero-pads the normalised map); the pads are dropped again below.
-            xn = _zero_slots(_relay(step.win_in, xn), win.pad_runs, win.pad_mask)
+            xn = zero_slots(relay(step.win_in, xn), win.pad_runs, win.pad_mask)
         shortcut = x
         if self.proj is not None:
-            shortcut = _linear(xn, self.proj, fused)
+            shortcut = linear(xn, self.proj, fused)
             if self.q_pool:
                 b, n, c = shortcut.shape
-                shortcut = _pool_planes(shortcut.view(b * groups, n // groups, c), groups, pooled).view(b, -1, c)
+                shortcut = pool_planes(shortcut.view(b * groups, n // groups, c), groups, pooled).view(b, -1, c)
         y = self.attn.attend(xn, groups, pooled, fused)
         if win is not None and not self.q_pool:
-            y = _relay(step.win_out, y)  # back to the stream before proj: no work on pads
-        x = _linear_residual(y, self.attn.proj, shortcut, fused, rate, training)
+            y = relay(step.win_out, y)  # back to the stream before proj: no work on pads
+        x = linear_residual(y, self.attn.proj, shortcut, fused, rate, training)
         if win is not None and self.q_pool:
-            x = _relay(step.win_out, x)  # the pooled windows, into the next stream layout
-        h = _linear(self.norm2(x), self.mlp.fc1, fused, gelu=True)
-        return _linear_residual(h, self.mlp.fc2, x, fused, rate, training)
-
-
-class _Step:
-    """How one block runs: ``convert`` re-lays the stream into ``layout`` before it (None: it is
-    already); ``win`` (padded windows) with the gathers ``win_in`` / ``win_out`` when its windows
-    need padding (or for a lone block); ``after`` is the stream layout it leaves and ``to_map``
-    the gather from that to the row-major map (None: already row-major)."""
-    __slots__ = ("convert", "layout", "win", "win_in", "win_out", "after", "to_map")
-
-    def __init__(self, convert, layout, after, win=None, win_in=None, win_out=None, to_map=False) -> None:
-        self.convert, self.layout, self.after = convert, layout, after
-        self.win, self.win_in, self.win_out = win, win_in, win_out
-        self.to_map = Gather.between(after, TokenLayout(after.h, after.w, 0, 0)) if to_map is False else to_map
-
-    def to(self, device: torch.device) -> "_Step":
-        move = lambda t: None if t is None else t.to(device)
-        return _Step(move(self.convert), self.layout.to(device), self.after.to(device),
-                     None if self.win is None else self.win.to(device), move(self.win_in), move(self.win_out),
-                     move(self.to_map))
-
-    @staticmethod
-    def padded(block: "MultiScaleBlock", layout: TokenLayout, after: Optional[TokenLayout] = None) -> "_Step":
-        """A block attending in padded windows (or, global, in plane order) gathered from ``layout``."""
-        h, w = layout.h, layout.w
-        win = TokenLayout(h, w, block.window_size, int(block.q_pool))
-        if block.q_pool:
-            after = after or TokenLayout(h // 2, w // 2, 0, 0)
-            return _Step(None, layout, after, win, Gather.between(layout, win), Gather.between(win.pooled(), after))
-        return _Step(None, layout, layout, win, Gather.between(layout, win), Gather.between(win, layout))
-
-    @staticmethod
-    def single(block: "MultiScaleBlock", h: int, w: int) -> "_Step":
-        """A lone block on a row-major (h, w) map."""
-        plain = TokenLayout(h, w, 0, 0)
-        if block.window_size == 0 and not block.q_pool:
-            return _Step(None, plain, plain)
-        return _Step.padded(block, plain)
+            x = relay(step.win_out, x)  # the pooled windows, into the next stream layout
+        h = linear(self.norm2(x), self.mlp.fc1, fused, gelu=True)
+        return linear_residual(h, self.mlp.fc2, x, fused, rate, training)
 
 
 class HieraDet(nn.Module):
@@ -560,7 +267,7 @@ class HieraDet(nn.Module):
         self.out_strides = [PATCH_STRIDE * Q_STRIDE ** i for i in self.out_indices]
         self._pos_cache: Optional[tuple] = None
         self._pos_layout_cache: Optional[tuple] = None
-        self._plans: dict[tuple, list[_Step]] = {}
+        self._plans: dict[tuple, list[BlockStep]] = {}
 
         self.reset_parameters()
         self._freeze_stages()
@@ -599,67 +306,14 @@ class HieraDet(nn.Module):
             self._pos_cache = (key, pos.detach())
         return pos
 
-    def _plan(self, h: int, w: int, device: torch.device) -> list[_Step]:
+    def _plan(self, h: int, w: int, device: torch.device) -> list[BlockStep]:
         """Per block: the gather before it, its token layout, and the gather to (h, w) after it."""
         key = (h, w, str(device))
         if key not in self._plans:
-            self._plans[key] = [s.to(device) for s in self._build_plan(h, w)]
+            self._plans[key] = [s.to(device) for s in build_plan(self.blocks, h, w)]
         return self._plans[key]
 
-    def _build_plan(self, h: int, w: int) -> list[_Step]:
-        """The token stream is never padded. A block whose windows tile its map runs directly on a
-        stream laid out in those windows (with plane levels for the q-poolings ahead), so runs of
-        such blocks need no copies; a block whose windows need padding gathers into padded
-        windows and back; global blocks take any order (a global q-pool needs plane order)."""
-        steps = []
-        layout = TokenLayout(h, w, 0, 0)  # the row-major map the patch embedding gives
-        for i, block in enumerate(self.blocks):
-            s = block.window_size
-            if s > 0 and (h % s or w % s):
-                nxt = self._layout_for(i + 1, h // 2, w // 2) if block.q_pool and i + 1 < len(self.blocks) else None
-                steps.append(_Step.padded(block, layout, nxt))
-            else:
-                convert = None
-                fits = (layout.window == s and (not block.q_pool or layout.levels >= 1)) if s > 0 else \
-                    (not block.q_pool or (layout.window == 0 and layout.levels >= 1))
-                if not fits:
-                    new = self._layout_for(i, h, w)
-                    convert, layout = Gather.between(layout, new), new
-                steps.append(_Step(convert, layout, layout.pooled() if block.q_pool else layout))
-            layout = steps[-1].after
-            if block.q_pool:
-                h, w = h // 2, w // 2
-        return steps
-
-    def _layout_for(self, i: int, h: int, w: int) -> TokenLayout:
-        """The stream layout block ``i`` wants on an h x w map (row-major if it takes any)."""
-        block = self.blocks[i]
-        s = block.window_size
-        if (s > 0 and not (h % s or w % s)) or (s == 0 and block.q_pool):
-            return TokenLayout(h, w, s, self._chain_levels(i, h, w))
-        return TokenLayout(h, w, 0, 0)
-
-    def _chain_levels(self, first: int, h: int, w: int) -> int:
-        """How many q-poolings a layout made for block ``first`` can serve before a block needs a
-        different layout: the plane levels to give it."""
-        window, levels = self.blocks[first].window_size, 0
-        for j in range(first, len(self.blocks)):
-            block = self.blocks[j]
-            s = block.window_size
-            if j > first:
-                if s > 0 and not (h % s or w % s):
-                    ok = s == window and (not block.q_pool or window % 2 == 0)
-                else:  # padded windows gather themselves; global blocks take any order
-                    ok = not block.q_pool or (s == 0 and window == 0)
-                if not ok:
-                    break
-            if block.q_pool:
-                levels += 1
-                window //= 2
-                h, w = h // 2, w // 2
-        return levels
-
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, list[_Step]]:
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, list[BlockStep]]:
         """Patch embedding plus position embedding, in the token layout of the first block."""
         conv = self.patch_embed
         # A channels-last weight makes the convolution write channels-last output (and run faster
@@ -702,7 +356,7 @@ class HieraDet(nn.Module):
                 return
 
     @staticmethod
-    def _to_map(x: torch.Tensor, step: _Step) -> torch.Tensor:
+    def _to_map(x: torch.Tensor, step: BlockStep) -> torch.Tensor:
         """(B, N, C) stream after ``step`` -> (B, H, W, C) channels-last map (a view if row-major)."""
         if step.to_map is not None:
             x = step.to_map(x)

@@ -3,14 +3,14 @@ linears, the autograd path) against each other and against birder."""
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from hieradet_mmdet import hieradet as hd
-from hieradet_mmdet.hieradet import HieraDet, TokenLayout
+from hieradet_mmdet import fused_linear as hd
+from hieradet_mmdet.hieradet import HieraDet
+from hieradet_mmdet.token_layout import TokenLayout
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -177,7 +177,7 @@ def _count_flops(step: Callable[[], Any]) -> int:
         extra[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
         if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
             extra[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
-    from hieradet_mmdet import hieradet as hd
+    from hieradet_mmdet import fused_linear as hd
 
     previous = hd.set_fused_linear(False)  # oneDNN-fused linears are invisible to the counter
     try:
