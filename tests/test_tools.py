@@ -171,16 +171,17 @@ def test_train_resume_continues_at_the_next_iteration(trained, tiny, tmp_path):
     assert steps == {ITERS + 1}
 
 
-def test_dist_train_two_cpu_processes(tiny, tmp_path):
+def test_dist_train_two_cpu_processes_with_amp(tiny, tmp_path):
     config, _ = tiny
     work = tmp_path / "dist"
     proc = run_tool("bash", str(ROOT / "tools" / "dist_train.sh"), str(config), "2", "--work-dir", str(work),
-                    "--cfg-options", "train_dataloader.batch_size=1",
+                    "--amp", "--cfg-options", "train_dataloader.batch_size=1",
                     env={"PORT": str(free_port()), "PYTHON": sys.executable}, timeout=400)
     assert proc.returncode == 0, fail_text(proc)
     log = proc.stdout + proc.stderr
     assert "Distributed training: True" in log
     assert "GPU number: 2" in log, fail_text(proc)  # MMEngine's name for the world size
+    assert "--amp on CPU: bfloat16 autocast" in log
     assert f"Iter(train) [{ITERS}/{ITERS}]" in log
     ckpt = load_ckpt(work / f"iter_{ITERS}.pth")
     assert ckpt["meta"]["iter"] == ITERS
