@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 
-from mmengine.model import BaseModule
 from mmdet.registry import MODELS
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
 
 from .hieradet import HieraDet
+from .validate import rgb_stats_mismatch
 
 
 @MODELS.register_module(name="HieraDet")
@@ -24,6 +28,11 @@ class HieraDetBackbone(HieraDet, BaseModule):
         HieraDet.__init__(self, arch, **kwargs)  # runs BaseModule.__init__ through the MRO
         self.init_cfg = copy.deepcopy(init_cfg)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_detector_ref", None)  # a weakref does not pickle
+        return state
+
     def forward(self, x):
         # The trunk hands out NCHW views of channels-last memory. Convolutions keep that layout,
         # and mmcv's CPU RoIAlign/RoIPool index their input as contiguous NCHW without checking,
@@ -35,7 +44,13 @@ class HieraDetBackbone(HieraDet, BaseModule):
         if self.init_cfg and self.init_cfg.get("type") == "Pretrained":
             from .checkpoint import load_backbone_weights
 
-            load_backbone_weights(self, self.init_cfg["checkpoint"])
+            checkpoint = load_backbone_weights(self, self.init_cfg["checkpoint"])
             self._is_init = True
+            self.pretrained_rgb_stats = checkpoint.metadata.get("rgb_stats")
+            ref = self.__dict__.get("_detector_ref")
+            msg = rgb_stats_mismatch(ref() if ref else None, self.pretrained_rgb_stats)
+            if msg:
+                warnings.warn(msg, stacklevel=2)
+                print_log(msg, logger="current", level=logging.WARNING)
         else:
             super().init_weights()

@@ -12,6 +12,7 @@ and looks at the two only if the backbone is a HieraDet; nothing in MMDetection 
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Optional, Sequence
 
 from torch import nn
@@ -69,10 +70,30 @@ def preprocessing_warnings(model: nn.Module) -> list[str]:
         out.append("data_preprocessor std is 1 (a Caffe-style ResNet setting); HieraDet weights expect "
                    "normalised RGB input: set model.data_preprocessor mean/std to the checkpoint's "
                    "rgb_stats (x255) and bgr_to_rgb=True")
-    if getattr(pre, "channel_conversion", True) is False:
+    if getattr(pre, "_channel_conversion", True) is False:
         out.append("data_preprocessor.bgr_to_rgb is False, but HieraDet weights were trained on RGB "
                    "images: set model.data_preprocessor.bgr_to_rgb=True")
     return out
+
+
+def rgb_stats_mismatch(model: Optional[nn.Module], rgb_stats: Optional[dict]) -> Optional[str]:
+    """The warning text when ``model``'s data_preprocessor does not normalise with ``rgb_stats``
+    (a checkpoint's {"mean": (r, g, b), "std": (r, g, b)} in [0, 1]), or None if it does."""
+    pre = getattr(model, "data_preprocessor", None)
+    mean, std = getattr(pre, "mean", None), getattr(pre, "std", None)
+    if mean is None or std is None or not rgb_stats or not getattr(pre, "_enable_normalize", True):
+        return None
+    want_mean = [round(255 * float(v), 4) for v in rgb_stats["mean"]]
+    want_std = [round(255 * float(v), 4) for v in rgb_stats["std"]]
+    got_mean, got_std = mean.flatten().tolist(), std.flatten().tolist()
+    if len(got_mean) != 3 or len(got_std) != 3:
+        return None
+    if all(abs(a - b) <= 0.5 for a, b in zip(got_mean + got_std, want_mean + want_std)):
+        return None
+    return (f"model.data_preprocessor normalises with mean={[round(v, 4) for v in got_mean]} "
+            f"std={[round(v, 4) for v in got_std]}, but the HieraDet weights were trained with rgb_stats "
+            f"mean={want_mean} std={want_std} (x255): set model.data_preprocessor.mean={want_mean}, "
+            f"std={want_std}, bgr_to_rgb=True")
 
 
 def check_detector(model: nn.Module, warn: bool = True) -> nn.Module:
@@ -101,6 +122,9 @@ def _on_submodule(module: nn.Module, name: str, submodule: Optional[nn.Module]):
     if name == "neck":
         msg = neck_mismatch(module.__dict__.get("_modules", {}).get("backbone"), submodule)
     elif name == "backbone" and isinstance(submodule, HieraDet):
+        # Lets the backbone compare the data preprocessing with its checkpoint's rgb_stats once
+        # init_weights has read them (weak: the backbone must not keep its detector alive).
+        submodule.__dict__["_detector_ref"] = weakref.ref(module)
         msg = neck_mismatch(submodule, module.__dict__.get("_modules", {}).get("neck"))
     else:
         return None
@@ -123,5 +147,5 @@ def uninstall_build_checks() -> None:
         _hook_handle = None
 
 
-__all__: Sequence[str] = ["check_detector", "neck_mismatch", "preprocessing_warnings", "arch_name",
+__all__: Sequence[str] = ["check_detector", "neck_mismatch", "preprocessing_warnings", "rgb_stats_mismatch", "arch_name",
                           "install_build_checks", "uninstall_build_checks"]

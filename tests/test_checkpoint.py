@@ -11,6 +11,7 @@ import pickle
 import re
 import socket
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -395,14 +396,14 @@ def test_url_downloads_into_cache_by_file_name(birder_files, hub_dir):
 # --- Through MMDetection: init_cfg of a real detector, and that detector's own checkpoint ---
 
 
-def small_retinanet(init_cfg):
+def small_retinanet(init_cfg, mean=(0, 0, 0), std=(1, 1, 1)):
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
     register_all_modules()
     return MODELS.build(dict(
         type="RetinaNet",
-        data_preprocessor=dict(type="DetDataPreprocessor", mean=[0, 0, 0], std=[1, 1, 1], pad_size_divisor=32),
+        data_preprocessor=dict(type="DetDataPreprocessor", mean=list(mean), std=list(std), pad_size_divisor=32),
         backbone=dict(type="HieraDet", arch="d_small", out_indices=(1, 2, 3), init_cfg=init_cfg),
         neck=dict(type="FPN", in_channels=[192, 384, 768], out_channels=32, num_outs=3),
         bbox_head=dict(
@@ -419,7 +420,13 @@ def test_detector_init_cfg_and_its_saved_checkpoint(birder_files, reference_feat
 
     x, ref = reference_features[("d_small", (96, 160))]
     detector = small_retinanet(dict(type="Pretrained", checkpoint=str(birder_files["pt"])))
-    detector.init_weights()
+    stats = birder_files["rgb_stats"]
+    want_mean = [round(255 * v, 4) for v in stats["mean"]]
+    with pytest.warns(UserWarning, match="trained with rgb_stats") as record:
+        detector.init_weights()  # mean 0 / std 1 is not what the checkpoint's rgb_stats say
+    assert f"set model.data_preprocessor.mean={want_mean}" in str(record[0].message)
+    assert {k: list(v) for k, v in detector.backbone.pretrained_rgb_stats.items()} == \
+        {k: list(v) for k, v in stats.items()}
     detector.eval()
     with torch.no_grad():
         assert_close_rel(detector.backbone(x), ref[1:])
@@ -428,7 +435,18 @@ def test_detector_init_cfg_and_its_saved_checkpoint(birder_files, reference_feat
     path = tmp_path / "epoch_1.pth"
     save_checkpoint({"meta": {"epoch": 1}, "state_dict": weights_to_cpu(get_state_dict(detector))}, str(path))
     fresh = small_retinanet(dict(type="Pretrained", checkpoint=str(path)))
-    fresh.init_weights()
+    fresh.init_weights()  # an MMDetection checkpoint carries no rgb_stats: nothing to compare
     fresh.eval()
+    with torch.no_grad():
+        assert_close_rel(fresh.backbone(x), ref[1:])
+
+    # Preprocessing as the checkpoint says: no warning (any warning would fail this block).
+    matching = small_retinanet(dict(type="Pretrained", checkpoint=str(birder_files["safetensors"])),
+                               mean=[255 * v for v in stats["mean"]], std=[255 * v for v in stats["std"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        matching.init_weights()
+    pickle.dumps(matching)  # the backbone's link to its detector does not get in the way of pickling
+    matching.eval()
     with torch.no_grad():
         assert_close_rel(fresh.backbone(x), ref[1:])

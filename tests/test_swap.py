@@ -105,4 +105,4 @@ def test_preprocessing_warning_for_caffe_style():
     model = build_detector(cfg)
     with pytest.warns(UserWarning, match="std is 1") as record:
         check_detector(model)
-    assert any("bgr_to_rgb=True" in str(w.message) for w in record)
+    assert any("bgr_to_rgb is False" in str(w.message) for w in record), [str(w.message) for w in record]
