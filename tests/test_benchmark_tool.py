@@ -67,6 +67,20 @@ def test_isolated_case_reports_memory_of_its_own_process():
     assert "gflops" not in result
 
 
+def test_exact_malloc_shows_the_memory_checkpointing_saves(capsys):
+    """With every tensor its own mapping the RSS peak follows live tensors: with_cp must save."""
+    tool = load_tool()
+    report = tool.main(["--models", "hieradet_small", "--mode", "backbone-train", "--sizes", "256x256", "--batch",
+                        "2", "--with-cp", "both", "--iters", "1", "--warmup", "1", "--threads", "1", "--no-flops",
+                        "--no-accuracy", "--malloc", "exact"])
+    off, on = sorted(report["results"], key=lambda r: r["with_cp"])
+    assert off["status"] == on["status"] == "ok" and on["malloc"] == "exact"
+    assert on["peak_delta_mb"] < 0.75 * off["peak_delta_mb"], (on["peak_delta_mb"], off["peak_delta_mb"])
+    assert "malloc exact" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="isolated"):
+        tool.main(["--models", "hieradet_small", "--malloc", "exact", "--no-isolate", "--sizes", "64x64"])
+
+
 def test_paired_runs_interleave_models_in_one_process():
     tool = load_tool()
     report = tool.main(["--models", "hieradet_small", "hieradet_d_small", "--mode", "backbone", "--sizes", "32x64",

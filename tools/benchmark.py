@@ -7,6 +7,11 @@ on CPU the peak resident set size during the timed iterations (Linux VmHWM, rese
 on CUDA torch.cuda.max_memory_allocated. Both are also given as the rise above the memory
 held when the timed iterations start ("delta": activations and temporaries of one step).
 
+CPU memory and glibc: by default freed blocks stay in glibc's heap (and its mmap threshold grows
+after frees), so the RSS peak partly measures fragmentation. --malloc exact runs the cases with
+a fixed 64 KiB mmap threshold: each tensor is its own mapping, unmapped when freed, and the RSS
+peak is the live-tensor peak. Page faults make that mode slower, so take times from a default run.
+
 Modes:
   backbone        forward of the backbone alone, no autograd
   backbone-train  forward + backward of the backbone (loss: mean of squared outputs)
@@ -24,9 +29,11 @@ bf16 rows also give the error against the same model in fp32 ('err_vs_fp32').
 FLOPs come from torch.utils.flop_counter.FlopCounterMode over one step (matmuls, convolutions
 and attention, forward and backward); custom ops (mmcv RoIAlign, NMS) are not counted.
 
-Example (the figures in docs/benchmark.md):
+Examples (the figures in the README):
   .venv/bin/python tools/benchmark.py --models hieradet_small birder_small --mode backbone \\
       --dtype fp32 bf16 --sizes 800x1344 --threads 2 --iters 10 --rounds 3 --out work_dirs/bench.json
+  .venv/bin/python tools/benchmark.py --models hieradet_small --mode backbone-train --sizes 512x512 \
+      --batch 2 --with-cp both --threads 2 --iters 3 --malloc exact
 """
 
 from __future__ import annotations
@@ -75,6 +82,11 @@ HIERADET_DETECTOR_CONFIG = REPO / "configs" / "maskrcnn_hieradet_s.py"
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# glibc tunables read at process start: a fixed mmap threshold (which also stops glibc from raising
+# it after frees) makes every tensor its own mapping, unmapped when freed.
+EXACT_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def _hwm_bytes() -> Optional[int]:
@@ -606,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip parity vs birder and error vs fp32")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="run cases in this process (faster; peak memory then less meaningful)")
+    parser.add_argument("--malloc", choices=("glibc", "exact"), default="glibc",
+                        help="CPU peak memory as the default glibc heap gives it (freed blocks stay resident, "
+                             "so it depends on fragmentation), or 'exact': every allocation >= 64 KiB is its "
+                             "own mapping, returned to the OS when freed, so the RSS peak is the live-tensor "
+                             "peak (slower: time such runs separately)")
     parser.add_argument("--paired", action="store_true",
                         help="run the models of each mode/dtype/size in one process with their iterations "
                              "interleaved: fair time ratios on a machine whose load changes (no peak memory)")
@@ -630,7 +647,7 @@ def make_cases(args) -> list[dict[str, Any]]:
                         cases.append(dict(model=name, mode=mode, dtype=dtype, size=list(size), batch=args.batch,
                                           with_cp=with_cp, device=args.device, threads=args.threads,
                                           iters=args.iters, warmup=args.warmup, flops=args.flops,
-                                          accuracy=args.accuracy))
+                                          accuracy=args.accuracy, malloc=args.malloc))
     return cases
 
 
@@ -638,6 +655,8 @@ def _run_isolated(cases: list[dict[str, Any]], paired: bool, timeout: float) -> 
     """Run a case (or a paired group) in a fresh process; one result per case."""
     threads = str(cases[0]["threads"])
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if cases[0].get("malloc") == "exact":
+        env.update(EXACT_MALLOC_ENV)
     arg = ["--group", json.dumps(cases)] if paired else ["--case", json.dumps(cases[0])]
     cmd = [sys.executable, str(Path(__file__).resolve()), *arg]
     try:
@@ -711,7 +730,8 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
             off = _find(results, model=name, mode="backbone-train", dtype="fp32", size=s, with_cp=False)
             on = _find(results, model=name, mode="backbone-train", dtype="fp32", size=s, with_cp=True)
             if off and on and "peak_delta_mb" in off and "peak_delta_mb" in on:
-                lines.append(f"{name} backbone-train {tag} with_cp peak delta {on['peak_delta_mb']:.0f} MB vs "
+                lines.append(f"{name} backbone-train {tag} (malloc {on.get('malloc', 'glibc')}) with_cp peak delta "
+                             f"{on['peak_delta_mb']:.0f} MB vs "
                              f"{off['peak_delta_mb']:.0f} MB -> {on['peak_delta_mb'] / off['peak_delta_mb']:.2f}x; "
                              f"time {on['median_ms'] / off['median_ms']:.2f}x")
             for dtype in DTYPES:
@@ -819,6 +839,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             print("target check:", line)
         return dict(results=results, targets=targets(results))
     cases = make_cases(args)
+    if args.malloc == "exact" and not args.isolate:
+        raise SystemExit("--malloc exact needs isolated cases (glibc reads it at process start); drop --no-isolate")
     load_before = _loadavg()
     per_case: list[list[dict[str, Any]]] = [[] for _ in cases]
     groups: dict[tuple, list[int]] = {}
@@ -849,11 +871,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     report = dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None
                   else "tools/benchmark.py " + " ".join(shlex.quote(a) for a in argv),
                   machine=machine_info(args.device), threads=args.threads, device=args.device,
-                  load_before=load_before, load_after=_loadavg(), rounds=args.rounds, results=results,
+                  malloc=args.malloc, load_before=load_before, load_after=_loadavg(), rounds=args.rounds,
+                  results=results,
                   targets=targets(results))
     print_table(results, markdown=args.markdown)
     print(f"\nload average before/after: {load_before} / {report['load_after']}; threads {args.threads}; "
-          f"{report['machine']['cpu']}")
+          f"malloc {args.malloc}; {report['machine']['cpu']}")
     for line in report["targets"]:
         print("target check:", line)
     if args.out:
