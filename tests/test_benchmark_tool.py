@@ -35,6 +35,7 @@ def test_benchmark_writes_the_documented_fields(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
     assert {"command", "machine", "threads", "load_before", "load_after", "results", "targets"} <= set(saved)
+    assert saved["machine"]["gemm_gflops"]["fp32"] > 0 and saved["machine"]["gemm_gflops"]["bf16"] > 0
     rows = {(r["model"], r["dtype"]): r for r in saved["results"]}
     assert len(rows) == 4
     ours32, ours16 = rows["hieradet_small", "fp32"], rows["hieradet_small", "bf16"]

@@ -807,9 +807,42 @@ def machine_info(device: str) -> dict[str, Any]:
         pass
     info = dict(cpu=cpu, cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
                 mkldnn=torch.backends.mkldnn.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+        info["cpu_bf16_flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+    except OSError:
+        pass
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def gemm_gflops(device: str, threads: int, tokens: int = 8192, dim: int = 384, hidden: int = 1536) -> dict[str, float]:
+    """Throughput of one MLP-sized linear (tokens x dim -> hidden) in fp32 and bf16: whether bf16
+    can pay off at all here. Without AMX, AVX-512 BF16 dot products do no more multiply-adds per
+    cycle than fp32 FMAs, and the conversions come on top."""
+    import torch
+    import torch.nn.functional as F
+
+    device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x = torch.randn(tokens, dim, device=device, dtype=dtype)
+        w = torch.randn(hidden, dim, device=device, dtype=dtype)
+        times = []
+        for i in range(8):
+            _sync(device)
+            start = time.perf_counter()
+            F.linear(x, w)
+            _sync(device)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+        out[name] = round(2 * tokens * dim * hidden / statistics.median(times) / 1e9, 1)
+    torch.set_num_threads(previous)
+    return out
 
 
 def _loadavg() -> Optional[list[float]]:
@@ -875,8 +908,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   results=results,
                   targets=targets(results))
     print_table(results, markdown=args.markdown)
+    gemm = report["machine"]["gemm_gflops"] = gemm_gflops(args.device, args.threads)
     print(f"\nload average before/after: {load_before} / {report['load_after']}; threads {args.threads}; "
-          f"malloc {args.malloc}; {report['machine']['cpu']}")
+          f"malloc {args.malloc}; {report['machine']['cpu']}; linear GFLOP/s fp32 {gemm['fp32']} / bf16 {gemm['bf16']}")
     for line in report["targets"]:
         print("target check:", line)
     if args.out:
