@@ -251,11 +251,12 @@ def guard_roi_ops(model: torch.nn.Module) -> int:
     """Give mmcv's RoI ops contiguous NCHW feature maps; returns how many ops were guarded.
 
     mmcv's RoIAlign / RoIPool kernels index the feature map as contiguous NCHW memory and
-    silently return wrong features for any other layout. HieraDet hands out NCHW *views* of
-    channels-last memory, so the FPN's convolutions produce channels-last maps, and without
-    this every RoI feature of a Faster/Mask R-CNN is scrambled (measured: a linear probe on
-    RoIAlign features at ground-truth boxes is at chance level, 33% for 3 classes, while the
-    same FPN maps mean-pooled in the box give 100%). A forward pre-hook copies such maps to
+    silently return wrong features for any other layout: with channels-last FPN maps every RoI
+    feature of a Faster/Mask R-CNN is scrambled (measured: a linear probe on RoIAlign features
+    at ground-truth boxes is at chance level, 33% for 3 classes, while the same FPN maps
+    mean-pooled in the box give 100%). ``HieraDetBackbone`` already returns contiguous maps;
+    this covers any other source of channels-last maps in the tools (e.g. a model converted
+    with ``memory_format=torch.channels_last``). A forward pre-hook copies such maps to
     contiguous memory right before each RoI op; contiguous inputs pass untouched.
     """
     try:
