@@ -46,6 +46,9 @@ class HieraDetBackbone(HieraDet, BaseModule):
 
             checkpoint = load_backbone_weights(self, self.init_cfg["checkpoint"])
             self._is_init = True
+            # In the run's log (checkpoint.py logs to Python logging, which MMEngine does not show).
+            print_log(f"HieraDet: loaded trunk weights from {checkpoint.name} "
+                      f"({checkpoint.metadata.get('format', 'unknown format')})", logger="current")
             self.pretrained_rgb_stats = checkpoint.metadata.get("rgb_stats")
             ref = self.__dict__.get("_detector_ref")
             msg = rgb_stats_mismatch(ref() if ref else None, self.pretrained_rgb_stats)
