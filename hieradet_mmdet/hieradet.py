@@ -47,6 +47,7 @@ LAYOUTS = {"": (8, 4, 14, 7), "d_": (8, 4, 0, 0)}
 ARCH_KEYS = ("depths", "embed_dim", "num_heads", "global_pos_size", "global_att_blocks", "window_spec")
 ARCH_NAMES = tuple(prefix + name for prefix in LAYOUTS for name in ARCH_SETTINGS)
 
+PLAN_CACHE_SIZE = 16  # token-layout plans kept per model, one per input size
 WINDOW_POS_SIZE = 8  # the window position embedding is an 8x8 tile
 PATCH_STRIDE = 4
 Q_STRIDE = 2
@@ -307,11 +308,18 @@ class HieraDet(nn.Module):
         return pos
 
     def _plan(self, h: int, w: int, device: torch.device) -> list[BlockStep]:
-        """Per block: the gather before it, its token layout, and the gather to (h, w) after it."""
+        """Per block: the gather before it, its token layout, and the gather to (h, w) after it.
+
+        Kept for the PLAN_CACHE_SIZE sizes used last: multi-scale training meets hundreds of
+        padded sizes, and a plan holds ~2 MB of index tensors at 800x1344."""
         key = (h, w, str(device))
-        if key not in self._plans:
-            self._plans[key] = [s.to(device) for s in build_plan(self.blocks, h, w)]
-        return self._plans[key]
+        plan = self._plans.pop(key, None)
+        if plan is None:
+            plan = [s.to(device) for s in build_plan(self.blocks, h, w)]
+            while len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))  # the least recently used
+        self._plans[key] = plan
+        return plan
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, list[BlockStep]]:
         """Patch embedding plus position embedding, in the token layout of the first block."""

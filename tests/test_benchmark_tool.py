@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hieradet_mmdet import fused_linear as hd
+from hieradet_mmdet import hieradet as hd_model
 from hieradet_mmdet.hieradet import HieraDet
 from hieradet_mmdet.token_layout import TokenLayout
 
@@ -232,3 +233,16 @@ def test_gradients_match_birder(birder_small):
     finally:
         birder_small.zero_grad(set_to_none=True)
         birder_small.eval()
+
+
+def test_plan_cache_keeps_the_sizes_used_last(mini):
+    """Multi-scale training meets many input sizes: the per-size plans must not pile up."""
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        first = mini(x)
+        for i in range(hd_model.PLAN_CACHE_SIZE + 4):
+            mini(torch.randn(1, 3, 64 + 32 * (i % 5), 160 + 32 * (i // 5)))
+        assert len(mini._plans) == hd_model.PLAN_CACHE_SIZE
+        assert (96 // 4, 128 // 4, "cpu") not in mini._plans  # evicted, rebuilt on the next call
+        again = mini(x)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
