@@ -79,6 +79,16 @@ def birder_files(birder_pair, tmp_path_factory):
     return dict(files, rgb_stats=get_rgb_stats("birder"), directory=directory)
 
 
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """torch's hub cache in a temporary folder; afterwards exactly as before (``set_dir`` with
+    the old ``get_dir()`` would pin the default path and hide TORCH_HOME from later tests)."""
+    import torch
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    return tmp_path / "hub" / "checkpoints"
+
+
 def _skipped(config) -> int:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     return len(reporter.stats.get("skipped", [])) if reporter else 0

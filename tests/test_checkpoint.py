@@ -296,14 +296,6 @@ def test_missing_file_and_unknown_name():
 
 
 @pytest.fixture
-def hub_dir(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub" / "checkpoints"
-    torch.hub.set_dir(old)
-
-
-@pytest.fixture
 def served_published(birder_files, tmp_path, monkeypatch):
     """The published entry pointed at a local file:// copy of a birder checkpoint."""
     served = tmp_path / "server" / f"{PUBLISHED}.pt"

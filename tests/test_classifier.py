@@ -99,7 +99,7 @@ def test_logits_probabilities_and_embedding_match_birder(form, layout, birder_fi
     assert (ref_logits[0] - ref_logits[1]).abs().max() > 0.1
 
 
-def test_published_name_builds_the_classifier_from_its_metadata(birder_files, tmp_path, monkeypatch):
+def test_published_name_builds_the_classifier_from_its_metadata(birder_files, tmp_path, monkeypatch, hub_dir):
     """The published entry, pointed at a local birder file: arch from the entry, size / labels /
     statistics from the file itself."""
     served = tmp_path / f"{PUBLISHED}.pt"
@@ -107,12 +107,7 @@ def test_published_name_builds_the_classifier_from_its_metadata(birder_files, tm
     entry = dataclasses.replace(pretrained.PRETRAINED[PUBLISHED], url=served.as_uri(),
                                 sha256=pretrained.sha256_of(served))
     monkeypatch.setitem(pretrained.PRETRAINED, PUBLISHED, entry)
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        model = HieraDetClassifier.from_checkpoint(PUBLISHED, progress=False)
-    finally:
-        torch.hub.set_dir(old)
+    model = HieraDetClassifier.from_checkpoint(PUBLISHED, progress=False)
     assert model.trunk.arch["window_spec"] == (8, 4, 0, 0)
     assert model.labels == list(CLASS_TO_IDX) and model.input_size == (CHECKPOINT_SIZE, CHECKPOINT_SIZE)
     assert model.rgb_stats["mean"] == tuple(birder_files["rgb_stats"]["mean"])

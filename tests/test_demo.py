@@ -50,13 +50,12 @@ def test_demo_runs_end_to_end_with_weights_from_the_hub_cache(birder_files, tmp_
         assert Path(path.rstrip("/")).exists(), path
 
 
-def test_without_weights_the_demo_says_so_and_where_to_put_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+def test_without_weights_the_demo_says_so_and_where_to_put_them(hub_dir, tmp_path):
     demo = load_demo()
     path, note = demo.find_weights(None)
     assert path is None
     assert "RANDOM" in note and demo.WEIGHTS_URL in note
-    assert str(tmp_path / "hub" / "checkpoints") in note
+    assert str(hub_dir) in note
     explicit = tmp_path / "mine.pt"
     explicit.write_bytes(b"x")
     assert demo.find_weights(str(explicit))[0] == str(explicit)
