@@ -147,5 +147,5 @@ def uninstall_build_checks() -> None:
         _hook_handle = None
 
 
-__all__: Sequence[str] = ["check_detector", "neck_mismatch", "preprocessing_warnings", "rgb_stats_mismatch", "arch_name",
-                          "install_build_checks", "uninstall_build_checks"]
+__all__: Sequence[str] = ["check_detector", "neck_mismatch", "preprocessing_warnings", "rgb_stats_mismatch",
+                          "arch_name", "install_build_checks", "uninstall_build_checks"]

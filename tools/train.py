@@ -26,7 +26,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a detector (MMDetection 3.x) with HieraDet")
     parser.add_argument("config", help="config file")
     parser.add_argument("--work-dir", help="where logs and checkpoints go (default: ./work_dirs/CONFIG_NAME)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision: fp16 AmpOptimWrapper on a GPU, bf16 autocast over backbone and neck on a CPU")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: fp16 AmpOptimWrapper on a GPU, bf16 autocast over backbone and neck on CPU")
     parser.add_argument("--auto-scale-lr", action="store_true",
                         help="scale the lr by (GPUs x batch size) / auto_scale_lr.base_batch_size")
     parser.add_argument("--resume", nargs="?", type=str, const="auto",
