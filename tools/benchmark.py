@@ -32,7 +32,7 @@ and attention, forward and backward); custom ops (mmcv RoIAlign, NMS) are not co
 Examples (the figures in the README):
   .venv/bin/python tools/benchmark.py --models hieradet_small birder_small --mode backbone \\
       --dtype fp32 bf16 --sizes 800x1344 --threads 2 --iters 10 --rounds 3 --out work_dirs/bench.json
-  .venv/bin/python tools/benchmark.py --models hieradet_small --mode backbone-train --sizes 512x512 \
+  .venv/bin/python tools/benchmark.py --models hieradet_small --mode backbone-train --sizes 512x512 \\
       --batch 2 --with-cp both --threads 2 --iters 3 --malloc exact
 """
 

@@ -35,9 +35,11 @@ for path in (REPO, TOOLS):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+from hieradet_mmdet.pretrained import PRETRAINED, cache_dir  # noqa: E402  (after the path setup)
+
 BASE_CONFIG = osp.join(REPO, "configs", "maskrcnn_hieradet_s.py")
-WEIGHTS_NAME = "hieradet_d_small_dino-v2-imagenet12k"
-WEIGHTS_URL = (f"https://huggingface.co/birder-project/{WEIGHTS_NAME}/resolve/main/{WEIGHTS_NAME}.pt")
+WEIGHTS = PRETRAINED["hieradet_d_small_dino-v2-imagenet12k"]
+WEIGHTS_URL = WEIGHTS.url
 METRIC_ROWS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "segm_mAP_75")
 
 
@@ -86,16 +88,11 @@ def find_weights(explicit):
         if not osp.isfile(explicit):
             raise SystemExit(f"error: --weights {explicit} does not exist")
         return explicit, f"pretrained backbone weights from {explicit}"
-    try:
-        from hieradet_mmdet.pretrained import cache_dir
-        cached = cache_dir() / f"{WEIGHTS_NAME}.pt"
-    except ImportError:
-        import torch
-        cached = osp.join(torch.hub.get_dir(), "checkpoints", f"{WEIGHTS_NAME}.pt")
+    cached = cache_dir() / WEIGHTS.file_name
     if osp.isfile(cached):
         return str(cached), f"pretrained backbone weights from {cached}"
     return None, (f"no local copy of the pretrained weights at {cached}: training from RANDOM weights.\n"
-                  f"    For the real ones (165 MB), download {WEIGHTS_URL}\n"
+                  f"    For the real ones ({WEIGHTS.file_size_mb:.0f} MB), download {WEIGHTS_URL}\n"
                   f"    into {osp.dirname(str(cached))}/ or pass --weights PATH.")
 
 
@@ -250,7 +247,8 @@ def main(argv=None) -> int:
     print(f"  config         {config_path}")
     print(f"  checkpoint     {ckpt}")
     print(f"  training log   {runner.log_dir}")
-    print(f"  predictions    {vis_dir}/  (left: ground truth, right: predictions with score >= 0.3)")
+    print(f"  predictions    {vis_dir}/  ({len(pictures)} pictures; left: ground truth, "
+          f"right: predictions with score >= 0.3)")
     print(f"  features       {feature_paths[-1]}  (PCA of each stage's feature map)")
     print(f"  evaluate again: .venv/bin/python tools/test.py {config_path} {ckpt}")
     print("\ntime: " + ", ".join(f"{label} {sec:.0f}s" for label, sec in clock.marks)
