@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     import hieradet_mmdet  # noqa: F401
     from hieradet_mmdet.runtime import (CheckpointReadError, UnsafeCheckpointError, build_runner, check_checkpoint,
-                                        init_distributed, prepare_config)
+                                        finish_distributed, init_distributed, prepare_config)
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     metrics = runner.test()
     if runner.rank == 0:
         print(f"[hieradet-mmdet] test metrics: {summary_line(metrics) or metrics}", flush=True)
+    finish_distributed()
     return 0
 
 

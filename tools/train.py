@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     import hieradet_mmdet  # noqa: F401  (registers HieraDet, optimizer constructors, transforms)
     from hieradet_mmdet.runtime import (CheckpointReadError, UnsafeCheckpointError, build_runner, check_checkpoint,
-                                        init_distributed, prepare_config)
+                                        finish_distributed, init_distributed, prepare_config)
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     prepare_config(cfg, args.launcher)
     runner = build_runner(cfg)
     runner.train()
+    finish_distributed()
     return 0
 
 
