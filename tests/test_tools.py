@@ -343,3 +343,23 @@ def test_prepare_config_for_cpu_data_parallel(monkeypatch):
     assert cfg.train_dataloader.dataset.pipeline[0].type == "CheckedLoadImageFromFile"
     plain = prepare_config(Config(dict()), "none")
     assert plain.launcher == "none" and "model_wrapper_cfg" not in plain
+
+
+def test_init_and_finish_distributed_on_cpu(monkeypatch):
+    """The tools' own process-group lifecycle: created on CPU, gone again before exit."""
+    import torch.distributed as dist
+
+    from hieradet_mmdet.runtime import finish_distributed, init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)  # restored (or removed again) after the test
+    assert not dist.is_initialized()
+    init_distributed("pytorch")
+    try:
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == 1
+    finally:
+        finish_distributed()
+    assert not dist.is_initialized()
+    finish_distributed()  # and a no-op without a group
