@@ -21,9 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hieradet_mmdet.checkpoint import CheckpointError  # noqa: E402
-from hieradet_mmdet.classifier import HieraDetClassifier, load_image  # noqa: E402
-from hieradet_mmdet.pretrained import WeightsUnavailableError  # noqa: E402
+from hieradet_mmdet.models.classifier import HieraDetClassifier, load_image  # noqa: E402
+from hieradet_mmdet.weights import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model = HieraDetClassifier.from_checkpoint(args.checkpoint, args.arch).to(args.device)
-    except (CheckpointError, WeightsUnavailableError) as err:
+    except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

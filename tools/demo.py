@@ -4,7 +4,7 @@
 
 Steps (each prints what it does and how long it took):
 
-1. writes a small COCO-format dataset of coloured shapes (:mod:`hieradet_mmdet.synthetic_coco`)
+1. writes a small COCO-format dataset of coloured shapes (``tools/synthetic_coco.py``)
    into WORK_DIR/data;
 2. builds ``configs/maskrcnn_hieradet_s.py`` scaled down for a CPU: small images, batch 2,
    a few hundred iterations (the derived config is saved as WORK_DIR/demo_config.py);
@@ -28,6 +28,7 @@ import os.path as osp
 import sys
 import time
 import warnings
+from typing import Optional
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.dirname(osp.abspath(__file__))
@@ -35,7 +36,8 @@ for path in (REPO, TOOLS):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from hieradet_mmdet.pretrained import PRETRAINED, cache_dir  # noqa: E402  (after the path setup)
+import synthetic_coco  # noqa: E402  (after the path setup)
+from hieradet_mmdet.weights.published import PRETRAINED, cache_dir  # noqa: E402
 
 BASE_CONFIG = osp.join(REPO, "configs", "maskrcnn_hieradet_s.py")
 WEIGHTS = PRETRAINED["hieradet_d_small_dino-v2-imagenet12k"]
@@ -99,9 +101,6 @@ def find_weights(explicit):
 def build_config(args, data_root: str, weights):
     from mmengine.config import Config
 
-    from hieradet_mmdet import synthetic_coco
-    from hieradet_mmdet.runtime import small_run_overrides
-
     cfg = Config.fromfile(args.config)
     lr = args.lr if args.lr is not None else (1e-4 if weights else 4e-4)
     cfg.merge_from_dict(synthetic_coco.mmdet_dataset_overrides(data_root, with_mask=True, image_size=args.size))
@@ -124,6 +123,50 @@ def build_config(args, data_root: str, weights):
     cfg.work_dir = args.work_dir
     cfg.default_hooks.visualization = dict(type="DetVisualizationHook", draw=False)
     return cfg, lr
+
+
+def small_run_overrides(max_iters: int, batch_size: int = 2, lr: float = 1e-4, warmup_iters: int = 50,
+                        log_interval: int = 10, num_workers: int = 0, num_classes: Optional[int] = None,
+                        rcnn_samples: int = 128, max_dets: int = 50, proposals: int = 300,
+                        with_mask: bool = True) -> dict:
+    """``cfg.merge_from_dict`` entries for short CPU runs of a two-stage MMDetection config.
+
+    Iteration-based schedule of ``max_iters`` (linear warmup, then cosine to 1% of ``lr``), the
+    config's optimizer at a fixed ``lr`` (``auto_scale_lr`` off), one checkpoint at the end, a
+    log line every ``log_interval`` iterations, no validation during training, and fewer
+    proposals / sampled RoIs / kept detections than COCO's defaults so a step is cheap.
+    Keys that a config does not have (e.g. RoI settings for RetinaNet) are still set, so use
+    it with Faster R-CNN (``with_mask=False``) or Mask R-CNN style configs.
+    """
+    warmup_iters = max(1, min(warmup_iters, max_iters // 2))
+    loader = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
+    over = {
+        "train_cfg": dict(_delete_=True, type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters + 1),
+        "param_scheduler": [
+            dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=warmup_iters),
+            dict(type="CosineAnnealingLR", by_epoch=False, begin=warmup_iters, end=max(max_iters, warmup_iters + 1),
+                 T_max=max(1, max_iters - warmup_iters), eta_min=lr * 0.01),
+        ],
+        "optim_wrapper.optimizer.lr": lr,
+        "auto_scale_lr.enable": False,
+        "train_dataloader": dict(loader, sampler=dict(type="DefaultSampler", shuffle=True)),
+        "val_dataloader": dict(batch_size=1, num_workers=num_workers, persistent_workers=num_workers > 0),
+        "test_dataloader": dict(batch_size=1, num_workers=num_workers, persistent_workers=num_workers > 0),
+        "default_hooks.logger.interval": log_interval,
+        "default_hooks.checkpoint": dict(type="CheckpointHook", by_epoch=False, interval=max_iters, max_keep_ckpts=2),
+        "log_processor": dict(type="LogProcessor", window_size=log_interval, by_epoch=False),
+        "model.train_cfg.rpn_proposal.nms_pre": 4 * proposals,
+        "model.train_cfg.rpn_proposal.max_per_img": proposals,
+        "model.train_cfg.rcnn.sampler.num": rcnn_samples,
+        "model.test_cfg.rpn.nms_pre": 4 * proposals,
+        "model.test_cfg.rpn.max_per_img": proposals,
+        "model.test_cfg.rcnn.max_per_img": max_dets,
+    }
+    if num_classes is not None:
+        over["model.roi_head.bbox_head.num_classes"] = num_classes
+        if with_mask:
+            over["model.roi_head.mask_head.num_classes"] = num_classes
+    return over
 
 
 def calm_mask_logits(model, reference_classes: int = 80) -> None:
@@ -174,7 +217,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     clock = Clock()
 
-    from hieradet_mmdet.runtime import enforce_safe_loading
+    from hieradet_mmdet.engine.runner import enforce_safe_loading
 
     enforce_safe_loading()
     # mmengine and mmcv import pkg_resources (hence the setuptools<81 pin); its deprecation
@@ -183,9 +226,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    import hieradet_mmdet  # noqa: F401
-    from hieradet_mmdet import synthetic_coco
-    from hieradet_mmdet.runtime import build_runner, prepare_config
+    from hieradet_mmdet.engine.runner import build_runner, prepare_config
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)

@@ -50,22 +50,22 @@ def summary_line(metrics: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    from hieradet_mmdet.runtime import enforce_safe_loading
+    from hieradet_mmdet.engine.runner import enforce_safe_loading
 
     enforce_safe_loading()
 
     from mmengine.config import Config
 
-    import hieradet_mmdet  # noqa: F401
-    from hieradet_mmdet.runtime import (CheckpointReadError, UnsafeCheckpointError, build_runner, check_checkpoint,
-                                        finish_distributed, init_distributed, prepare_config)
+    from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
+    from hieradet_mmdet.engine.runner import build_runner, check_checkpoint, prepare_config
+    from hieradet_mmdet.weights import CheckpointError
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
 
     try:
         check_checkpoint(args.checkpoint)
-    except (UnsafeCheckpointError, CheckpointReadError) as err:
+    except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

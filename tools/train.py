@@ -45,7 +45,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    from hieradet_mmdet.runtime import enforce_safe_loading
+    from hieradet_mmdet.engine.runner import enforce_safe_loading
 
     enforce_safe_loading()  # before anything can call torch.load
 
@@ -53,9 +53,9 @@ def main(argv=None) -> int:
     from mmengine.config import Config
     from mmengine.runner import find_latest_checkpoint
 
-    import hieradet_mmdet  # noqa: F401  (registers HieraDet, optimizer constructors, transforms)
-    from hieradet_mmdet.runtime import (CheckpointReadError, UnsafeCheckpointError, build_runner, check_checkpoint,
-                                        finish_distributed, init_distributed, prepare_config)
+    from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
+    from hieradet_mmdet.engine.runner import build_runner, check_checkpoint, prepare_config
+    from hieradet_mmdet.weights import CheckpointError
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
@@ -75,11 +75,6 @@ def main(argv=None) -> int:
             cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
         else:
             # MMEngine's AmpOptimWrapper asserts an accelerator; ours autocasts backbone + neck to bf16.
-            from mmengine.registry import OPTIM_WRAPPERS
-
-            if "AutocastOptimWrapper" not in OPTIM_WRAPPERS.module_dict:
-                print("error: --amp without a GPU needs hieradet_mmdet.optim.AutocastOptimWrapper", file=sys.stderr)
-                return 2
             print("--amp on CPU: bfloat16 autocast over backbone and neck (AutocastOptimWrapper)")
             cfg.optim_wrapper.type = "AutocastOptimWrapper"
             cfg.optim_wrapper.pop("loss_scale", None)
@@ -103,7 +98,7 @@ def main(argv=None) -> int:
     try:
         if to_check:
             check_checkpoint(to_check)
-    except (UnsafeCheckpointError, CheckpointReadError) as err:
+    except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -7,7 +7,7 @@ three principal components, shown as RGB and upsampled to the input size: region
 backbone considers alike get alike colours. Writes ``DIR/stage{1..4}.png`` (input | features)
 and ``DIR/overview.png`` (input and all stages in one row).
 
-CKPT may be anything :func:`hieradet_mmdet.checkpoint.load_backbone_weights` accepts (the
+CKPT may be anything :func:`hieradet_mmdet.weights.load_backbone_weights` accepts (the
 published weights' name, a birder / SAM2 / MMDetection checkpoint, a state dict). Without it
 the backbone keeps random weights, with a warning: those pictures show structure of the input
 only, not learned features.
@@ -92,11 +92,11 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
 
 def build_backbone(arch: str = "small", checkpoint: Optional[str] = None):
     """A HieraDet trunk in eval mode, with ``checkpoint``'s weights when given."""
-    from hieradet_mmdet.hieradet import HieraDet
+    from hieradet_mmdet.models import HieraDet
 
     model = HieraDet(arch, out_indices=(0, 1, 2, 3)).eval()
     if checkpoint:
-        from hieradet_mmdet.checkpoint import load_backbone_weights
+        from hieradet_mmdet.weights import load_backbone_weights
 
         load_backbone_weights(model, checkpoint)
     else:
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    from hieradet_mmdet.runtime import enforce_safe_loading
+    from hieradet_mmdet.engine.runner import enforce_safe_loading
 
     enforce_safe_loading()
     import torch

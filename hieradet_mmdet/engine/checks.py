@@ -1,28 +1,24 @@
-"""Build-time checks for detectors with a HieraDet backbone, with errors that say what to change.
+"""Checks of a detector with a HieraDet backbone, with errors that say what to change.
 
 The usual mistake when swapping HieraDet into an existing MMDetection config is keeping the
 neck of the ResNet config (``in_channels=[256, 512, 1024, 2048]``); MMDetection would only fail
 at the first forward pass, deep inside a convolution. :func:`check_detector` catches it on a
-built model, and :func:`install_build_checks` (run by ``import hieradet_mmdet``) runs the same
-check while any detector is being built, by MMDetection's tools, ``Runner`` or ``MODELS.build``:
-a PyTorch module-registration hook fires when a detector assigns its ``neck`` (or ``backbone``)
-and looks at the two only if the backbone is a HieraDet; nothing in MMDetection is patched.
+built model: our tools call it, and ``custom_hooks=[dict(type='HieraDetCheckHook')]`` (in every
+config shipped here) runs it in any MMEngine runner, MMDetection's own tools included.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
-import weakref
-from typing import Optional, Sequence
+from typing import Optional
 
+from mmdet.registry import HOOKS
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
 from torch import nn
 
-from .hieradet import ARCH_NAMES, HieraDet, resolve_arch
-
-
-def arch_name(backbone: HieraDet) -> str:
-    """The arch name a HieraDet was built from ('small', 'd_small', ...), or 'custom'."""
-    return next((name for name in ARCH_NAMES if resolve_arch(name) == backbone.arch), "custom")
+from ..models.hieradet import HieraDet, arch_name
 
 
 def _first_neck(neck: nn.Module) -> nn.Module:
@@ -44,7 +40,7 @@ def neck_mismatch(backbone: nn.Module, neck: Optional[nn.Module]) -> Optional[st
     got = [int(c) for c in in_channels]
     if got == expected:
         return None
-    name = arch_name(backbone)
+    name = arch_name(backbone.arch)
     msg = (f"neck.in_channels {got} do not match HieraDet({name}) outputs {expected} "
            f"(out_indices={list(backbone.out_indices)}); set model.neck.in_channels={expected}")
     start = getattr(neck, "start_level", 0)
@@ -99,7 +95,9 @@ def rgb_stats_mismatch(model: Optional[nn.Module], rgb_stats: Optional[dict]) ->
 def check_detector(model: nn.Module, warn: bool = True) -> nn.Module:
     """Raise ValueError if ``model.neck`` cannot take ``model.backbone``'s outputs; returns the model.
 
-    With ``warn``, preprocessing that does not fit HieraDet weights is reported as a warning."""
+    With ``warn``, preprocessing that does not fit the HieraDet weights (Caffe-style settings, or
+    other statistics than the loaded checkpoint's ``rgb_stats``) is reported as a warning."""
+    model = getattr(model, "module", model)  # inside (Distributed)DataParallel
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, HieraDet):
         return model
@@ -107,45 +105,23 @@ def check_detector(model: nn.Module, warn: bool = True) -> nn.Module:
     if msg:
         raise ValueError(msg)
     if warn:
-        for text in preprocessing_warnings(model):
+        texts = preprocessing_warnings(model)
+        mismatch = rgb_stats_mismatch(model, getattr(backbone, "pretrained_rgb_stats", None))
+        for text in texts + ([mismatch] if mismatch else []):
             warnings.warn(text, stacklevel=2)
+            print_log(text, logger="current", level=logging.WARNING)
     return model
 
 
-# ---- automatic check while a detector is built ----------------------------------------------
+@HOOKS.register_module()
+class HieraDetCheckHook(Hook):
+    """Runs :func:`check_detector` in a runner: the neck against the backbone before anything
+    runs, and the preprocessing against the loaded weights once they are loaded."""
 
-_hook_handle = None
+    priority = "VERY_HIGH"
 
+    def before_run(self, runner) -> None:
+        check_detector(runner.model, warn=False)
 
-def _on_submodule(module: nn.Module, name: str, submodule: Optional[nn.Module]):
-    # Called for every submodule assignment in the process: keep the common path to one compare.
-    if name == "neck":
-        msg = neck_mismatch(module.__dict__.get("_modules", {}).get("backbone"), submodule)
-    elif name == "backbone" and isinstance(submodule, HieraDet):
-        # Lets the backbone compare the data preprocessing with its checkpoint's rgb_stats once
-        # init_weights has read them (weak: the backbone must not keep its detector alive).
-        submodule.__dict__["_detector_ref"] = weakref.ref(module)
-        msg = neck_mismatch(submodule, module.__dict__.get("_modules", {}).get("neck"))
-    else:
-        return None
-    if msg:
-        raise ValueError(msg)
-    return None
-
-
-def install_build_checks() -> None:
-    """Check the neck against a HieraDet backbone whenever a model assigns them (idempotent)."""
-    global _hook_handle
-    if _hook_handle is None:
-        _hook_handle = nn.modules.module.register_module_module_registration_hook(_on_submodule)
-
-
-def uninstall_build_checks() -> None:
-    global _hook_handle
-    if _hook_handle is not None:
-        _hook_handle.remove()
-        _hook_handle = None
-
-
-__all__: Sequence[str] = ["check_detector", "neck_mismatch", "preprocessing_warnings", "rgb_stats_mismatch",
-                          "arch_name", "install_build_checks", "uninstall_build_checks"]
+    def before_train(self, runner) -> None:
+        check_detector(runner.model, warn=True)

@@ -10,71 +10,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE_CONFIG = ROOT / "configs" / "maskrcnn_hieradet_s.py"
+from helpers import ROOT, fail_text, free_port, run_tool, tiny_detector_config
+from helpers import load_mmengine_checkpoint as load_ckpt
+
 SIZE = 128
 ITERS = 2
-
-
-def run_tool(*args, timeout=300, env=None, cwd=None):
-    """Run a tool with this interpreter on CPU; returns the CompletedProcess."""
-    full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    full_env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    full_env.update(env or {})
-    cmd = list(args)
-    if cmd[0].endswith(".py"):
-        cmd = [sys.executable, *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
-
-
-def fail_text(proc) -> str:
-    return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def load_ckpt(path):
-    from hieradet_mmdet.runtime import allow_mmengine_checkpoints
-
-    allow_mmengine_checkpoints()
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(config path, data root): the tiny dataset and a standalone config file for it."""
-    from mmengine.config import Config
-
-    import hieradet_mmdet  # noqa: F401
-    from hieradet_mmdet import synthetic_coco
-    from hieradet_mmdet.runtime import small_run_overrides
-
-    base = tmp_path_factory.mktemp("tools")
-    data = base / "data"
-    synthetic_coco.generate(str(data), num_train=4, num_val=2, size=SIZE, seed=1)
-    cfg = Config.fromfile(str(BASE_CONFIG))
-    cfg.merge_from_dict(synthetic_coco.mmdet_dataset_overrides(str(data), image_size=SIZE))
-    cfg.merge_from_dict(small_run_overrides(ITERS, batch_size=2, lr=1e-4, log_interval=1,
-                                            num_classes=len(synthetic_coco.CLASSES), rcnn_samples=64,
-                                            proposals=100, max_dets=20))
-    cfg.model.backbone.init_cfg = None  # offline: no published weights
-    cfg.model.backbone.drop_path_rate = 0.0
-    cfg.model.test_cfg.rcnn.score_thr = 0.0  # an untrained model still outputs boxes -> real AP numbers
-    path = base / "tiny_maskrcnn.py"
-    cfg.dump(str(path))
-    return path, data
+    return tiny_detector_config(tmp_path_factory.mktemp("tools"), iters=ITERS, size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +72,7 @@ def test_resume_restores_iteration_optimizer_and_scheduler(trained, tiny, monkey
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from hieradet_mmdet.runtime import enforce_safe_loading, prepare_config
+    from hieradet_mmdet.engine.runner import enforce_safe_loading, prepare_config
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
@@ -235,33 +186,6 @@ def test_corrupt_checkpoint_is_reported(tiny, tmp_path):
     assert "cannot read checkpoint" in proc.stderr and str(broken) in proc.stderr, fail_text(proc)
 
 
-def test_checked_image_loader_names_the_file(tmp_path, tiny):
-    from mmdet.registry import TRANSFORMS
-
-    import hieradet_mmdet.runtime  # noqa: F401  (registers CheckedLoadImageFromFile)
-
-    _, data = tiny
-    loader = TRANSFORMS.build(dict(type="CheckedLoadImageFromFile"))
-    good = data / "val" / "000000.png"
-    out = loader(dict(img_path=str(good)))
-    assert out["img"].shape == (SIZE, SIZE, 3)
-    raw = good.read_bytes()
-    cases = {"truncated.png": raw[: len(raw) // 2], "garbage.png": b"this is not an image" * 10, "empty.png": b"",
-             "truncated.jpg": b"\xff\xd8\xff\xe0" + b"\x00" * 200}
-    for name, content in cases.items():
-        (tmp_path / name).write_bytes(content)
-        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
-            loader(dict(img_path=str(tmp_path / name)))
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing.png"))):
-        loader(dict(img_path=str(tmp_path / "missing.png")))
-    # a complete JPEG followed by a long trailer (some cameras append data) is not "truncated"
-    import cv2
-
-    ok, jpeg = cv2.imencode(".jpg", out["img"])
-    (tmp_path / "trailer.jpg").write_bytes(jpeg.tobytes() + b"\x00" * 4096)
-    assert loader(dict(img_path=str(tmp_path / "trailer.jpg")))["img"].shape == (SIZE, SIZE, 3)
-
-
 def test_corrupt_dataset_image_stops_test_py_naming_the_file(trained, tiny, tmp_path):
     config, data = tiny
     bad_root = tmp_path / "data"
@@ -293,73 +217,3 @@ def test_visualize_features_from_a_detector_checkpoint(trained, tiny, tmp_path):
     assert proc.returncode == 0 and "RANDOM weights" in proc.stderr, fail_text(proc)
     proc = run_tool("tools/visualize_features.py", str(tmp_path / "nope.png"), "--out", str(tmp_path / "x"))
     assert proc.returncode == 1 and "nope.png does not exist" in proc.stderr
-
-
-def test_roi_features_do_not_depend_on_the_memory_layout(tiny):
-    """mmcv's RoIAlign reads channels-last maps (what HieraDet's views give the FPN) as if they
-    were NCHW; the tools guard every RoI op of the model they build."""
-    from mmcv.ops import RoIAlign
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-
-    from hieradet_mmdet.runtime import guard_roi_ops
-    from mmdet.registry import MODELS
-
-    torch.manual_seed(0)
-    x = torch.randn(1, 8, 24, 24)
-    rois = torch.tensor([[0, 2.0, 3.0, 15.0, 20.0], [0, 10.0, 1.0, 23.0, 9.0]])
-    op = RoIAlign((7, 7), spatial_scale=1.0, sampling_ratio=0)
-    reference = op(x, rois)
-    assert guard_roi_ops(torch.nn.Sequential(op)) == 1
-    assert torch.allclose(op(x.contiguous(memory_format=torch.channels_last), rois), reference)
-
-    config, _ = tiny
-    init_default_scope("mmdet")
-    model = MODELS.build(Config.fromfile(str(config)).model).eval()
-    assert guard_roi_ops(model) > 0 and guard_roi_ops(model) == 0  # idempotent
-    with torch.no_grad():
-        feats = model.extract_feat(torch.randn(1, 3, SIZE, SIZE))
-        ext = model.roi_head.bbox_roi_extractor
-        boxes = torch.tensor([[0, 8.0, 8.0, 60.0, 60.0], [0, 30.0, 40.0, 100.0, 120.0]])
-        got = ext(feats[:ext.num_inputs], boxes)
-        expected = ext([f.contiguous() for f in feats[:ext.num_inputs]], boxes)
-    assert torch.allclose(got, expected)
-
-
-def test_prepare_config_for_cpu_data_parallel(monkeypatch):
-    from mmengine.config import Config
-
-    from hieradet_mmdet.runtime import prepare_config
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = Config(dict(train_dataloader=dict(dataset=dict(pipeline=[dict(type="LoadImageFromFile"),
-                                                                    dict(type="PackDetInputs")])),
-                      model_wrapper_cfg=dict(type="MMDistributedDataParallel", device_ids=[0],
-                                             find_unused_parameters=True)))
-    prepare_config(cfg, "pytorch")
-    assert cfg.launcher == "pytorch"
-    assert cfg.model_wrapper_cfg.device_ids is None and cfg.model_wrapper_cfg.find_unused_parameters
-    assert cfg.env_cfg.dist_cfg.backend == "gloo"
-    assert cfg.train_dataloader.dataset.pipeline[0].type == "CheckedLoadImageFromFile"
-    plain = prepare_config(Config(dict()), "none")
-    assert plain.launcher == "none" and "model_wrapper_cfg" not in plain
-
-
-def test_init_and_finish_distributed_on_cpu(monkeypatch):
-    """The tools' own process-group lifecycle: created on CPU, gone again before exit."""
-    import torch.distributed as dist
-
-    from hieradet_mmdet.runtime import finish_distributed, init_distributed
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(key, value)  # restored (or removed again) after the test
-    assert not dist.is_initialized()
-    init_distributed("pytorch")
-    try:
-        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == 1
-    finally:
-        finish_distributed()
-    assert not dist.is_initialized()
-    finish_distributed()  # and a no-op without a group

@@ -14,7 +14,7 @@ Layout written under ``OUT_DIR``::
 
 Command line::
 
-    python -m hieradet_mmdet.synthetic_coco OUT_DIR --train 64 --val 16 --size 256 [--seed 0]
+    python tools/synthetic_coco.py OUT_DIR --train 64 --val 16 --size 256 [--seed 0]
 
 Needs numpy, OpenCV and pycocotools; :func:`mmdet_dataset_overrides` gives the
 config pieces that point an MMDetection COCO config at it.

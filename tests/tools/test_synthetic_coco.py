@@ -16,9 +16,9 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from hieradet_mmdet import synthetic_coco  # noqa: E402
+import synthetic_coco
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 128
 
 
@@ -118,10 +118,9 @@ def test_deterministic_and_seed_dependent(tmp_path):
 
 
 def test_cli(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "hieradet_mmdet.synthetic_coco", str(tmp_path / "d"),
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "synthetic_coco.py"), str(tmp_path / "d"),
                            "--train", "2", "--val", "1", "--size", "64"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "train: 2 images" in proc.stdout and "val: 1 images" in proc.stdout
     with open(tmp_path / "d" / "annotations" / "instances_val.json") as f:

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 WEIGHTS_FILE = "hieradet_d_small_dino-v2-imagenet12k.pt"
 
 

@@ -1,8 +1,9 @@
 """Layer-wise learning-rate decay for detectors with a HieraDet backbone.
 
 ``optim_wrapper=dict(constructor='HieraDetLayerDecayConstructor', paramwise_cfg=dict(...))``
-gives every HieraDet block its own learning rate, shrinking geometrically towards the input:
-with ``L = len(backbone.blocks) + 1``,
+gives every HieraDet block its own learning rate, shrinking geometrically towards the input.
+The layers are the model's own (:meth:`HieraDet.get_layer_depth`); with
+``L = len(backbone.blocks) + 1``,
 
 * the patch embedding and both position embeddings are layer 0,
 * block ``i`` is layer ``i + 1``,
@@ -23,21 +24,17 @@ The constructor builds whatever wrapper ``optim_wrapper.type`` names (``OptimWra
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from typing import Iterable, Optional
+from typing import Optional
 
-import torch
 from torch import nn
 
 from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 
-from .hieradet import HieraDet
+from ..models.hieradet import HieraDet
 
-# Embedding parameters of the trunk (layer 0, and no weight decay by default).
-EMBED_PREFIXES = ("patch_embed.",)
-POS_EMBED_NAMES = ("pos_embed", "pos_embed_window")
+POS_EMBED_NAMES = ("pos_embed", "pos_embed_window")  # no weight decay by default
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
@@ -49,15 +46,6 @@ def find_hieradet(model: nn.Module) -> tuple[str, Optional[HieraDet]]:
         if isinstance(module, HieraDet):
             return name, module
     return "", None
-
-
-def hieradet_layer_id(name: str, num_blocks: int) -> int:
-    """Layer index of a parameter named relative to the trunk (``blocks.3.attn.qkv.weight``)."""
-    if name in POS_EMBED_NAMES or name.startswith(EMBED_PREFIXES):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_blocks + 1  # anything added to the trunk later trains with the deepest block + 1
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -106,8 +94,8 @@ class HieraDetLayerDecayConstructor(DefaultOptimWrapperConstructor):
         """(full name, parameter, lr scale, weight-decay multiplier or None) for every trainable parameter."""
         trunk_name, trunk = find_hieradet(model)
         trunk_prefix = f"{trunk_name}." if trunk_name else ""
-        num_blocks = len(trunk.blocks) if trunk is not None else 0
-        num_layers = int(self.num_layers) if self.num_layers is not None else num_blocks + 1
+        top = len(trunk.blocks) + 1 if trunk is not None else 0  # the layer of the neck and heads
+        num_layers = int(self.num_layers) if self.num_layers is not None else top
 
         norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES)
                        for p in m.parameters(recurse=False)}
@@ -119,12 +107,9 @@ class HieraDetLayerDecayConstructor(DefaultOptimWrapperConstructor):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            in_trunk = trunk is not None and (name.startswith(trunk_prefix) or not trunk_prefix)
-            if in_trunk:
-                local = name[len(trunk_prefix):]
-                layer = min(hieradet_layer_id(local, num_blocks), num_layers)
-            else:
-                local, layer = name, num_layers
+            in_trunk = trunk is not None and name.startswith(trunk_prefix)
+            local = name[len(trunk_prefix):] if in_trunk else name
+            layer = min(trunk.get_layer_depth(local)[0] if in_trunk else top, num_layers)
             lr_scale = self.decay_rate ** (num_layers - layer)
 
             if in_trunk and local in POS_EMBED_NAMES:
@@ -185,64 +170,3 @@ class HieraDetLayerDecayConstructor(DefaultOptimWrapperConstructor):
         wrapper_cfg = self.optim_wrapper_cfg.copy()
         wrapper_cfg.setdefault("type", "OptimWrapper")
         return OPTIM_WRAPPERS.build(wrapper_cfg, default_args=dict(optimizer=optimizer))
-
-
-def lr_scales_by_layer(decay_rate: float, num_blocks: int) -> list[float]:
-    """Scale of layer 0 (embeddings), blocks 1..num_blocks and the heads (last entry)."""
-    n = num_blocks + 1
-    return [decay_rate ** (n - k) for k in range(n + 1)]
-
-
-__all__: Iterable[str] = ["HieraDetLayerDecayConstructor", "find_hieradet", "hieradet_layer_id",
-                          "lr_scales_by_layer"]
-
-
-@OPTIM_WRAPPERS.register_module()
-class AutocastOptimWrapper(OptimWrapper):
-    """Mixed precision on any device: bfloat16 autocast over the detector's feature extractor.
-
-    MMEngine's ``AmpOptimWrapper`` needs an accelerator (it asserts CUDA/NPU/MLU). bfloat16 keeps
-    fp32's exponent range, so no loss scaling is needed and this wrapper also runs on CPU
-    (AVX-512 BF16); ``tools/train.py --amp`` picks it when there is no GPU. mmcv's CPU kernels
-    (nms, RoIAlign) take only float32, so only ``autocast_modules`` (the backbone and neck, where
-    nearly all the compute is) run under autocast and hand float32 maps to the heads;
-    ``autocast_modules=None`` autocasts the whole model."""
-
-    def __init__(self, optimizer, dtype: str = "bfloat16",
-                 autocast_modules: Optional[Iterable[str]] = ("backbone", "neck"), **kwargs) -> None:
-        super().__init__(optimizer, **kwargs)
-        self.cast_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.autocast_modules = None if autocast_modules is None else tuple(autocast_modules)
-
-    @contextmanager
-    def optim_context(self, model: nn.Module):
-        device = next(model.parameters()).device.type
-        with super().optim_context(model):
-            if self.autocast_modules is None:
-                with torch.autocast(device_type=device, dtype=self.cast_dtype):
-                    yield
-                return
-            modules = [getattr(model, name) for name in self.autocast_modules if hasattr(model, name)]
-            for module in modules:
-                module.forward = _autocast_to_float32(module.forward, device, self.cast_dtype)
-            try:
-                yield
-            finally:
-                for module in modules:
-                    del module.forward  # back to the class's forward
-
-
-def _autocast_to_float32(forward, device: str, dtype: torch.dtype):
-    def wrapped(*args, **kwargs):
-        with torch.autocast(device_type=device, dtype=dtype):
-            out = forward(*args, **kwargs)
-        return _to_float32(out)
-    return wrapped
-
-
-def _to_float32(out):
-    if isinstance(out, torch.Tensor):
-        return out.float() if out.is_floating_point() else out
-    if isinstance(out, (tuple, list)):
-        return type(out)(_to_float32(o) for o in out)
-    return out

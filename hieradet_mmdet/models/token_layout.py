@@ -1,6 +1,6 @@
-"""Token order of the HieraDet trunk's flat (B, N, C) token stream.
+"""Token order of the fast path's flat (B, N, C) token stream (:mod:`.fast_path`).
 
-The trunk keeps its tokens as a flat (B, N, C) stream in an order (a TokenLayout) chosen so that
+The fast path keeps the trunk's tokens as a flat (B, N, C) stream in an order (a TokenLayout) chosen so that
 blocks need no per-block partition / unpartition copies:
   * windowed attention only needs the tokens of a window to be adjacent; inside a window any
     order works, as attention (without position bias) is permutation-equivariant;
@@ -18,10 +18,13 @@ layout, and produces the stage outputs.
 
 Blocks are described by their ``window_size`` (0: global) and ``q_pool``; the plan for an
 input size (:func:`build_plan`) says, per block, how its stream is laid out and gathered.
+Everything here is index bookkeeping, computed once per input size and kept in a
+:class:`PlanCache`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -105,7 +108,6 @@ class TokenLayout:
         return (self.window // 2) ** 2 if self.window else (self.h // 2) * (self.w // 2)
 
 
-
 def zero_slots(x: torch.Tensor, runs: Sequence[tuple[int, int]], mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Zero slots of a (B, N, C) stream in place: a few runs of slots as slices, else by mask
     (always under autograd, where every sliced write would cost a full copy of the gradient)."""
@@ -139,14 +141,6 @@ class Gather:
     def __init__(self, index, back, zero_runs=(), zero_mask=None) -> None:
         self.index, self.back, self.zero_runs, self.zero_mask = index, back, list(zero_runs), zero_mask
 
-    @staticmethod
-    def between(src: TokenLayout, dst: TokenLayout) -> Optional["Gather"]:
-        """From a stream in ``src`` to ``dst`` (dst pads get copies of real tokens); None if equal."""
-        index = src.inv[dst.src]
-        if src.n == dst.n and not (src.has_pad or dst.has_pad) and torch.equal(index, torch.arange(dst.n)):
-            return None
-        return Gather(index, dst.inv[src.src], src.pad_runs, src.pad_mask)
-
     def to(self, device: torch.device) -> "Gather":
         move = lambda t: None if t is None else t.to(device)
         return Gather(move(self.index), move(self.back), self.zero_runs, move(self.zero_mask))
@@ -157,8 +151,13 @@ class Gather:
         return _gather_rows(x, self.index)
 
 
-def relay(gather: Optional[Gather], x: torch.Tensor) -> torch.Tensor:
-    return x if gather is None else gather(x)
+def gather_between(src: TokenLayout, dst: TokenLayout) -> Optional[Gather]:
+    """The gather from a stream in ``src`` to one in ``dst`` (dst's pads get copies of real
+    tokens); None if the two orders are the same."""
+    index = src.inv[dst.src]
+    if src.n == dst.n and not (src.has_pad or dst.has_pad) and torch.equal(index, torch.arange(dst.n)):
+        return None
+    return Gather(index, dst.inv[src.src], src.pad_runs, src.pad_mask)
 
 
 class _GatherFunction(torch.autograd.Function):
@@ -184,40 +183,34 @@ def pool_planes(x: torch.Tensor, groups: int, m: int) -> torch.Tensor:
 
 
 class BlockStep:
-    """How one block runs: ``convert`` re-lays the stream into ``layout`` before it (None: it is
-    already); ``win`` (padded windows) with the gathers ``win_in`` / ``win_out`` when its windows
-    need padding (or for a lone block); ``after`` is the stream layout it leaves and ``to_map``
-    the gather from that to the row-major map (None: already row-major)."""
-    __slots__ = ("convert", "layout", "win", "win_in", "win_out", "after", "to_map")
+    """How one block runs: ``relayout`` gathers the stream into ``layout`` before it (None: it
+    is laid out so already); when its windows need padding, ``windows`` is the padded-window
+    layout it attends in, with the gathers ``to_windows`` / ``from_windows`` around attention;
+    ``after`` is the stream layout it leaves, ``to_rows`` the gather from that to the row-major
+    map (None: already row-major)."""
+    __slots__ = ("relayout", "layout", "windows", "to_windows", "from_windows", "after", "to_rows")
 
-    def __init__(self, convert, layout, after, win=None, win_in=None, win_out=None, to_map=False) -> None:
-        self.convert, self.layout, self.after = convert, layout, after
-        self.win, self.win_in, self.win_out = win, win_in, win_out
-        self.to_map = Gather.between(after, TokenLayout(after.h, after.w, 0, 0)) if to_map is False else to_map
+    def __init__(self, relayout, layout, after, windows=None, to_windows=None, from_windows=None,
+                 to_rows=False) -> None:
+        self.relayout, self.layout, self.after = relayout, layout, after
+        self.windows, self.to_windows, self.from_windows = windows, to_windows, from_windows
+        self.to_rows = gather_between(after, TokenLayout(after.h, after.w, 0, 0)) if to_rows is False else to_rows
 
     def to(self, device: torch.device) -> "BlockStep":
         move = lambda t: None if t is None else t.to(device)
-        return BlockStep(move(self.convert), self.layout.to(device), self.after.to(device),
-                         None if self.win is None else self.win.to(device), move(self.win_in), move(self.win_out),
-                         move(self.to_map))
+        return BlockStep(move(self.relayout), self.layout.to(device), self.after.to(device),
+                         move(self.windows), move(self.to_windows), move(self.from_windows), move(self.to_rows))
 
     @staticmethod
     def padded(block, layout: TokenLayout, after: Optional[TokenLayout] = None) -> "BlockStep":
-        """A block attending in padded windows (or, global, in plane order) gathered from ``layout``."""
+        """A block attending in padded windows gathered from a stream in ``layout``."""
         h, w = layout.h, layout.w
-        win = TokenLayout(h, w, block.window_size, int(block.q_pool))
+        windows = TokenLayout(h, w, block.window_size, int(block.q_pool))
         if block.q_pool:
             after = after or TokenLayout(h // 2, w // 2, 0, 0)
-            return BlockStep(None, layout, after, win, Gather.between(layout, win), Gather.between(win.pooled(), after))
-        return BlockStep(None, layout, layout, win, Gather.between(layout, win), Gather.between(win, layout))
-
-    @staticmethod
-    def single(block, h: int, w: int) -> "BlockStep":
-        """A lone block on a row-major (h, w) map."""
-        plain = TokenLayout(h, w, 0, 0)
-        if block.window_size == 0 and not block.q_pool:
-            return BlockStep(None, plain, plain)
-        return BlockStep.padded(block, plain)
+            return BlockStep(None, layout, after, windows, gather_between(layout, windows),
+                             gather_between(windows.pooled(), after))
+        return BlockStep(None, layout, layout, windows, gather_between(layout, windows), gather_between(windows, layout))
 
 
 def build_plan(blocks: Sequence, h: int, w: int) -> list[BlockStep]:
@@ -235,13 +228,13 @@ def build_plan(blocks: Sequence, h: int, w: int) -> list[BlockStep]:
             nxt = _layout_for(blocks, i + 1, h // 2, w // 2) if block.q_pool and i + 1 < len(blocks) else None
             steps.append(BlockStep.padded(block, layout, nxt))
         else:
-            convert = None
+            relayout = None
             fits = (layout.window == s and (not block.q_pool or layout.levels >= 1)) if s > 0 else \
                 (not block.q_pool or (layout.window == 0 and layout.levels >= 1))
             if not fits:
                 new = _layout_for(blocks, i, h, w)
-                convert, layout = Gather.between(layout, new), new
-            steps.append(BlockStep(convert, layout, layout.pooled() if block.q_pool else layout))
+                relayout, layout = gather_between(layout, new), new
+            steps.append(BlockStep(relayout, layout, layout.pooled() if block.q_pool else layout))
         layout = steps[-1].after
         if block.q_pool:
             h, w = h // 2, w // 2
@@ -276,3 +269,29 @@ def _chain_levels(blocks: Sequence, first: int, h: int, w: int) -> int:
             window //= 2
             h, w = h // 2, w // 2
     return levels
+
+
+class PlanCache:
+    """The plans of the input sizes used last (least recently used dropped first): multi-scale
+    training meets hundreds of padded sizes, and a plan holds ~2 MB of index tensors at 800x1344."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._plans: OrderedDict[tuple, list[BlockStep]] = OrderedDict()
+
+    def get(self, blocks: Sequence, h: int, w: int, device: torch.device) -> list[BlockStep]:
+        key = (h, w, str(device))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = [step.to(device) for step in build_plan(blocks, h, w)]
+            self._plans[key] = plan
+            while len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._plans

@@ -1,0 +1,58 @@
+"""What ``tools/train.py`` and ``tools/test.py`` add around MMEngine's ``Runner``.
+
+* :func:`enforce_safe_loading`: every ``torch.load`` in the process runs weights-only (the
+  allowlist of :mod:`hieradet_mmdet.weights.safe_globals` on top of torch's own), and
+  :func:`check_checkpoint` refuses a file that would need more up front, naming it.
+* :func:`prepare_config`: CPU data-parallel settings (:mod:`.distributed`), image loading that
+  names broken files (:mod:`.transforms`), and the detector checks (:mod:`.checks`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..weights.reader import allow_mmengine_types, load_file
+from .checks import HieraDetCheckHook
+from .distributed import cpu_data_parallel
+from .transforms import use_checked_image_loading
+
+
+def enforce_safe_loading() -> None:
+    """Make every ``torch.load`` in this process weights-only, whatever its caller passes.
+
+    torch honours ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` even over an explicit ``weights_only=False``;
+    an inherited ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is dropped (torch refuses both at once).
+    """
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    allow_mmengine_types()
+
+
+def check_checkpoint(path: str) -> None:
+    """Unpickle ``path`` weights-only, tensors memory-mapped (cheap); raises
+    :class:`~hieradet_mmdet.weights.CheckpointError` naming the file if it is missing,
+    unreadable or needs anything the allowlist does not cover. URLs are left to the loader,
+    which runs weights-only too."""
+    if "://" not in path:
+        load_file(os.path.expanduser(path), mmap=True)
+
+
+def prepare_config(cfg, launcher: str = "none"):
+    """Adapt a loaded MMDetection config to this machine and our tools (in place; returns it)."""
+    cfg.launcher = launcher
+    cpu_data_parallel(cfg, launcher)
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        if cfg.get(key) is not None:
+            use_checked_image_loading(cfg[key])
+    hooks = list(cfg.get("custom_hooks") or [])
+    if not any(h.get("type") in ("HieraDetCheckHook", HieraDetCheckHook) for h in hooks):
+        cfg.custom_hooks = hooks + [dict(type="HieraDetCheckHook")]
+    return cfg
+
+
+def build_runner(cfg):
+    """The runner the config asks for (``runner_type``), else MMEngine's ``Runner``."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    return RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)

@@ -1,0 +1,287 @@
+"""What several test files need: birder reference models and checkpoint files, relative errors,
+detectors built from configs with a synthetic batch, and running the tools as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+PUBLISHED = "hieradet_d_small_dino-v2-imagenet12k"
+
+# ---- numbers ----------------------------------------------------------------------------------
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| (in float64)."""
+    a, b = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a), \
+        torch.as_tensor(np.asarray(b) if not torch.is_tensor(b) else b)
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def assert_close_rel(ours, ref, tol=1e-5):
+    ours, ref = list(ours), list(ref)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape
+        err = rel_err(a, b)
+        assert err <= tol, err
+
+
+# ---- birder, the reference --------------------------------------------------------------------
+
+CHECKPOINT_SIZE = 64  # the input size the classifier checkpoints are saved with (birder's signature)
+CLASS_TO_IDX = {"Eurasian jay": 0, "Common chaffinch": 1, "Great tit": 2, "Eurasian wren": 3,
+                "Hooded crow": 4, "White wagtail": 5, "Common kingfisher": 6}
+
+
+def make_birder_model(name: str = "hieradet_d_small", num_classes: int = 10, size: int = 256, seed: int = 0):
+    """A birder HieraDet with random, perturbed weights (biases and norms away from their init)."""
+    from birder.model_registry import registry
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = registry.net_factory(name, num_classes, size=(size, size)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+def ours_from_birder(birder_model, arch, **kwargs):
+    """Our trunk with a birder model's weights."""
+    from hieradet_mmdet.models import HieraDet
+    from hieradet_mmdet.weights.convert import birder_to_ours
+
+    model = HieraDet(arch, **kwargs).eval()
+    state = {k: v for k, v in birder_to_ours(birder_model.state_dict()).items() if not k.startswith(("norm.", "head."))}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def birder_features(model, x):
+    return list(model.detection_features(x).values())
+
+
+def save_birder_checkpoints(model, network_name: str, directory, rgb_stats) -> dict:
+    """Write ``model`` as birder does (``checkpoint_model`` .pt and ``save_st`` .safetensors)."""
+    from birder.common import fs_ops
+    from birder.conf import settings
+    from birder.net.base import get_signature
+
+    signature = get_signature((1, 3, CHECKPOINT_SIZE, CHECKPOINT_SIZE), len(CLASS_TO_IDX))
+    old_models_dir = settings.MODELS_DIR
+    settings.MODELS_DIR = directory  # checkpoint_model always writes under birder's models dir
+    try:
+        fs_ops.checkpoint_model(network_name, 0, model, signature, CLASS_TO_IDX, rgb_stats,
+                                None, None, None, None)
+        pt = fs_ops.model_path(network_name, epoch=0)
+    finally:
+        settings.MODELS_DIR = old_models_dir
+    safetensors = Path(directory) / f"{network_name}.safetensors"
+    fs_ops.save_st(model, str(safetensors), model.task, CLASS_TO_IDX, signature, rgb_stats)
+    return {"pt": Path(pt), "safetensors": safetensors}
+
+
+def write_test_images(directory: Path) -> dict:
+    """Real image files: RGB PNG/JPEG of various shapes, greyscale, RGBA, palette, and a broken one."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    smooth = lambda h, w: (np.linspace(0, 1, h)[:, None, None] * rng.integers(60, 255, 3)  # noqa: E731
+                           + np.linspace(0, 1, w)[None, :, None] * rng.integers(0, 120, 3)
+                           + rng.normal(0, 20, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    files = {"rgb_png": directory / "wide.png", "rgb_jpeg": directory / "tall.jpg",
+             "grey": directory / "grey.png", "rgba": directory / "rgba.png", "palette": directory / "palette.gif"}
+    Image.fromarray(smooth(48, 150)).save(files["rgb_png"])
+    Image.fromarray(smooth(300, 97)).save(files["rgb_jpeg"], quality=90)
+    Image.fromarray(smooth(80, 80)).convert("L").save(files["grey"])
+    Image.fromarray(np.dstack([smooth(70, 90), rng.integers(0, 255, (70, 90), dtype=np.uint8)])).save(files["rgba"])
+    Image.fromarray(smooth(64, 64)).convert("P", palette=Image.Palette.ADAPTIVE).save(files["palette"])
+    files["broken"] = directory / "broken.jpg"
+    files["broken"].write_bytes(Path(files["rgb_jpeg"]).read_bytes()[:200])
+    return files
+
+
+# ---- detectors from configs -------------------------------------------------------------------
+
+FAST_RPN_PROPOSALS = dict(nms_pre=200, max_per_img=100)
+IMAGE_SIZES = ((64, 96), (96, 64))  # (h, w); small keeps a two-stage step around a second or two
+
+
+def load_config(name: str):
+    from mmengine.config import Config
+
+    return Config.fromfile(str(CONFIGS / name))
+
+
+def shrink_two_stage(cfg) -> None:
+    """Fewer proposals and RoI samples; the model is unchanged, only its train/test settings."""
+    tr, te = cfg.model.get("train_cfg"), cfg.model.get("test_cfg")
+    if tr is not None and "rpn_proposal" in tr:
+        tr.rpn_proposal.update(FAST_RPN_PROPOSALS)
+        stages = tr.rcnn if isinstance(tr.rcnn, list) else [tr.rcnn]
+        for stage in stages:
+            stage.sampler.num = 64
+    if te is not None and "rpn" in te:
+        te.rpn.update(FAST_RPN_PROPOSALS)
+
+
+def build_detector(cfg, seed: int = 0):
+    """The config's detector on CPU with random backbone weights (no checkpoint in tests)."""
+    from mmengine.registry import init_default_scope
+
+    import hieradet_mmdet  # noqa: F401  (what custom_imports does in the tools)
+    from mmdet.registry import MODELS
+
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    cfg.model.backbone.init_cfg = None
+    shrink_two_stage(cfg)
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    return model
+
+
+def synthetic_batch(sizes=IMAGE_SIZES, with_mask=True, seed=0):
+    """A data batch as a dataloader gives it: uint8 CHW images and packed DetDataSamples,
+    each image with two boxes (and their masks) of classes 0 and 3."""
+    from mmengine.structures import InstanceData
+
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.bbox import HorizontalBoxes
+    from mmdet.structures.mask import BitmapMasks
+
+    gen = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for i, (h, w) in enumerate(sizes):
+        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen))
+        boxes = torch.tensor([[8.0, 10.0, w * 0.6, h * 0.7], [w * 0.4, h * 0.3, w - 4.0, h - 6.0]])
+        sample = DetDataSample(metainfo=dict(img_id=i, img_shape=(h, w), ori_shape=(h, w),
+                                             scale_factor=(1.0, 1.0), flip=False, flip_direction=None))
+        gt = InstanceData(bboxes=HorizontalBoxes(boxes), labels=torch.tensor([0, 3]))
+        if with_mask:
+            masks = np.zeros((2, h, w), dtype=np.uint8)
+            for m, (x1, y1, x2, y2) in zip(masks, boxes.round().int().tolist()):
+                m[y1:y2, x1:x2] = 1
+            gt.masks = BitmapMasks(masks, h, w)
+        sample.gt_instances = gt
+        sample.ignored_instances = InstanceData(bboxes=HorizontalBoxes(torch.zeros(0, 4)),
+                                                labels=torch.zeros(0, dtype=torch.long))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def train_step_and_predict(model, optim_wrapper_cfg, with_mask=True):
+    """One optimisation step with the config's optimizer, then predict; returns facts to assert on."""
+    from mmengine.optim import build_optim_wrapper
+
+    optim_wrapper = build_optim_wrapper(model, optim_wrapper_cfg)
+    model.train()
+    data = model.data_preprocessor(synthetic_batch(with_mask=with_mask), True)
+    optim_wrapper.zero_grad()
+    with optim_wrapper.optim_context(model):  # autocast under AmpOptimWrapper
+        losses = model(**data, mode="loss")
+    loss, log_vars = model.parse_losses(losses)
+    optim_wrapper.backward(loss)  # loss scaling under AmpOptimWrapper
+    bb = model.backbone
+    grads = {
+        "patch_embed": bb.patch_embed.weight.grad,
+        "block0": bb.blocks[0].attn.qkv.weight.grad,
+        "last_block": bb.blocks[-1].mlp.fc2.weight.grad,
+    }
+    before = bb.blocks[0].attn.qkv.weight.detach().clone()
+    optim_wrapper.step()
+    moved = not torch.equal(before, bb.blocks[0].attn.qkv.weight.detach())
+
+    model.eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(synthetic_batch(with_mask=with_mask, seed=1), False)
+        results = model(**data, mode="predict")
+    return dict(loss=loss.detach(), log_vars=log_vars, grads=grads, moved=moved, results=results,
+                optim_wrapper=optim_wrapper)
+
+
+def assert_trains_and_predicts(model, optim_wrapper_cfg, with_mask=True):
+    out = train_step_and_predict(model, optim_wrapper_cfg, with_mask=with_mask)
+    assert torch.isfinite(out["loss"]), out["log_vars"]
+    for name, grad in out["grads"].items():
+        assert grad is not None and torch.isfinite(grad).all(), f"no finite gradient at backbone {name}"
+        assert grad.abs().sum() > 0, f"zero gradient at backbone {name}"
+    assert out["moved"], "the optimizer step did not change backbone block 0"
+    results = out["results"]
+    assert len(results) == 2
+    for r, (h, w) in zip(results, IMAGE_SIZES):
+        pred = r.pred_instances
+        assert pred.bboxes.shape[-1] == 4 and len(pred.scores) == len(pred.labels) == len(pred.bboxes)
+        assert r.ori_shape == (h, w)
+        if with_mask:
+            assert "masks" in pred and tuple(pred.masks.shape[-2:]) == (h, w)
+    return out
+
+
+# ---- running the tools as a user would ---------------------------------------------------------
+
+
+def run_tool(*args, timeout=300, env=None, cwd=None):
+    """Run a tool (a .py with this interpreter, or any command) on CPU; returns the CompletedProcess."""
+    full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    full_env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    full_env.update(env or {})
+    cmd = [str(a) for a in args]
+    if cmd[0].endswith(".py"):
+        cmd = [sys.executable, *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def fail_text(proc) -> str:
+    return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_mmengine_checkpoint(path):
+    """One of our (MMEngine) checkpoints, read as the tools read them: weights-only."""
+    from hieradet_mmdet.weights.reader import allow_mmengine_types
+
+    allow_mmengine_types()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base: str = "maskrcnn_hieradet_s.py",
+                         num_train: int = 4, num_val: int = 2) -> tuple[Path, Path]:
+    """A small synthetic COCO dataset and a standalone config of ``base`` on it (random backbone,
+    an ``iters``-iteration schedule, few proposals): (config path, data root)."""
+    import synthetic_coco
+    from demo import small_run_overrides
+
+    import hieradet_mmdet  # noqa: F401
+
+    data = directory / "data"
+    synthetic_coco.generate(str(data), num_train=num_train, num_val=num_val, size=size, seed=1)
+    cfg = load_config(base)
+    with_mask = "mask" in base
+    cfg.merge_from_dict(synthetic_coco.mmdet_dataset_overrides(str(data), image_size=size, with_mask=with_mask))
+    cfg.merge_from_dict(small_run_overrides(iters, batch_size=2, lr=1e-4, log_interval=1,
+                                            num_classes=len(synthetic_coco.CLASSES), rcnn_samples=64,
+                                            proposals=100, max_dets=20, with_mask=with_mask))
+    cfg.model.backbone.init_cfg = None  # offline: no published weights
+    cfg.model.backbone.drop_path_rate = 0.0
+    if cfg.model.get("test_cfg", {}).get("rcnn") is not None:
+        cfg.model.test_cfg.rcnn.score_thr = 0.0  # an untrained model still outputs boxes -> real AP numbers
+    path = directory / f"tiny_{Path(base).stem}.py"
+    cfg.dump(str(path))
+    return path, data

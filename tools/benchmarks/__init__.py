@@ -1,0 +1,1 @@
+"""The pieces of tools/benchmark.py: cases (models, steps, timing), memory, FLOPs, reports."""

@@ -1,0 +1,375 @@
+"""Benchmark cases: the models, one timed step per mode, and running a case (or models paired)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .flops import count_flops
+from .memory import PeakMemory
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = 0
+
+MODELS: dict[str, dict[str, Any]] = {
+    "hieradet_small": dict(kind="ours", arch="small"),
+    "hieradet_d_small": dict(kind="ours", arch="d_small"),
+    "birder_small": dict(kind="birder", arch="small"),
+    "birder_d_small": dict(kind="birder", arch="d_small"),
+    "swin_t": dict(kind="mmdet", config="mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py"),
+    "r50": dict(kind="mmdet", config="mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"),
+}
+MODES = ("backbone", "backbone-train", "detector-infer", "detector-train")
+DTYPES = ("fp32", "bf16")
+HIERADET_DETECTOR_CONFIG = REPO / "configs" / "maskrcnn_hieradet_s.py"
+
+
+def birder_available() -> tuple[bool, str]:
+    try:
+        import birder.model_registry  # noqa: F401
+        return True, ""
+    except Exception as err:  # ImportError or a broken install
+        return False, f"birder not importable ({type(err).__name__}: {err})"
+
+
+def make_birder(arch: str, size: tuple[int, int]):
+    """birder's HieraDet with seeded, perturbed weights (biases / norms away from their init)."""
+    import torch
+    from birder.model_registry import registry
+
+    torch.manual_seed(SEED)
+    model = registry.net_factory(f"hieradet_{arch}", 10, size=size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def make_ours(arch: str, size: tuple[int, int], with_cp: bool = False):
+    """Our trunk, with birder's weights of make_birder when birder is importable."""
+    import torch
+    from hieradet_mmdet.models import HieraDet
+    from hieradet_mmdet.weights.convert import birder_to_ours
+
+    torch.manual_seed(SEED)
+    model = HieraDet(arch, with_cp=with_cp)
+    ok, _ = birder_available()
+    if ok:
+        ref = make_birder(arch, size)
+        state = birder_to_ours(ref.state_dict())
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith(("norm.", "head."))})
+        del ref
+    return model
+
+
+def _config_path(path: str) -> str:
+    """'mmdet::x/y.py' -> the file in the installed MMDetection package."""
+    if path.startswith("mmdet::"):
+        import mmdet
+
+        root = Path(mmdet.__file__).parent
+        for base in (root / ".mim" / "configs", root.parent / "configs"):
+            if (base / path[len("mmdet::"):]).exists():
+                return str(base / path[len("mmdet::"):])
+    return path
+
+
+def _mmdet_config(name: str, arch: Optional[str], with_cp: bool):
+    from mmengine.config import Config
+
+    if MODELS[name]["kind"] == "ours":
+        if HIERADET_DETECTOR_CONFIG.exists():
+            cfg = Config.fromfile(str(HIERADET_DETECTOR_CONFIG))
+        else:  # the R50 Mask R-CNN with the backbone swapped
+            cfg = Config.fromfile(_config_path(MODELS["r50"]["config"]))
+            cfg.model.backbone = dict(type="HieraDet", arch=arch, out_indices=(0, 1, 2, 3), drop_path_rate=0.2)
+            cfg.model.neck.in_channels = [96, 192, 384, 768]
+        cfg.model.backbone.arch = arch
+    else:
+        cfg = Config.fromfile(_config_path(MODELS[name]["config"]))
+    cfg.model.backbone.init_cfg = None  # random weights: no download, same cost
+    cfg.model.backbone.with_cp = with_cp
+    # Random weights give few or many detections above the usual 0.05 score threshold; keep every
+    # detection (up to max_per_img) so the mask head always does the same work in every model.
+    if cfg.model.get("test_cfg", {}).get("rcnn") is not None:
+        cfg.model.test_cfg.rcnn.score_thr = 0.0
+    return cfg
+
+
+def _register_mmdet():
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    import hieradet_mmdet  # noqa: F401  (registers type='HieraDet')
+
+
+def build_backbone(name: str, size: tuple[int, int], with_cp: bool):
+    """-> (module, forward function returning a tuple of feature maps)."""
+    spec = MODELS[name]
+    if spec["kind"] == "ours":
+        model = make_ours(spec["arch"], size, with_cp)
+        return model, model
+    if spec["kind"] == "birder":
+        ok, why = birder_available()
+        if not ok:
+            raise Skip(why)
+        if with_cp:
+            raise Skip("birder's detection_features has no activation checkpointing")
+        model = make_birder(spec["arch"], size)
+        return model, lambda x: tuple(model.detection_features(x).values())
+    _register_mmdet()
+    import torch
+    from mmdet.registry import MODELS as REGISTRY
+
+    torch.manual_seed(SEED)
+    model = REGISTRY.build(_mmdet_config(name, None, with_cp).model.backbone)
+    return model, model
+
+
+def build_detector(name: str, with_cp: bool):
+    spec = MODELS[name]
+    if spec["kind"] == "birder":
+        raise Skip("birder's HieraDet has no MMDetection detector; see hieradet_small")
+    _register_mmdet()
+    import torch
+    from mmdet.registry import MODELS as REGISTRY
+
+    torch.manual_seed(SEED)
+    cfg = _mmdet_config(name, spec.get("arch"), with_cp)
+    return REGISTRY.build(cfg.model)
+
+
+def detector_batch(model, batch: int, size: tuple[int, int], training: bool, device: str):
+    import torch
+    from mmdet.testing import demo_mm_inputs
+
+    torch.manual_seed(SEED)
+    packed = demo_mm_inputs(batch_size=batch, image_shapes=[(3, *size)] * batch, num_items=[8] * batch,
+                            num_classes=80, with_mask=True)
+    data = model.data_preprocessor(packed, training)
+    return data["inputs"], data["data_samples"]
+
+
+class Skip(Exception):
+    """A case that cannot run here (missing package, unsupported combination)."""
+
+
+def _rel_errors(outs, refs) -> dict[str, float]:
+    max_rel, norm_rel = 0.0, 0.0
+    for a, b in zip(outs, refs):
+        a, b = a.float(), b.float()
+        max_rel = max(max_rel, ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+        norm_rel = max(norm_rel, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+    return {"max_rel": max_rel, "norm_rel": norm_rel}
+
+
+def _autocast(device: str, dtype: str, model=None):
+    """Autocast for a case: a backbone all of it; a detector as ``tools/train.py --amp`` does on
+    CPU, its backbone and neck (mmcv's CPU RoI and NMS kernels take float32 only)."""
+    import torch
+
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if model is not None and device == "cpu":
+        from hieradet_mmdet.engine.amp import autocast_parts
+
+        return autocast_parts(model, ("backbone", "neck"), low)
+    return torch.autocast(device, dtype=low)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _guarded(case: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """dict(case, **fn()) with status 'ok', or the case with status 'skipped' / 'error'."""
+    import torch
+
+    result = dict(case)
+    threads = torch.get_num_threads()
+    try:
+        result.update(fn())
+        result["status"] = "ok"
+    except Skip as why:
+        result.update(status="skipped", reason=str(why))
+    except Exception as err:  # report, don't abort the other cases
+        result.update(status="error", reason=f"{type(err).__name__}: {err}".strip()[:500],
+                      traceback=traceback.format_exc()[-2000:])
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Run one case in this process; returns its result (status 'ok', 'skipped' or 'error')."""
+    return _guarded(case, lambda: _run_case(case))
+
+
+def run_paired(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cases that differ only in the model, in one process with their timed iterations
+    interleaved (A B C A B C ...), so that load changing over time hits all of them alike.
+    Peak memory is not separable here; take it from unpaired runs."""
+    prepared: list[Optional[dict[str, Any]]] = []
+    results = []
+    for case in cases:
+        holder: dict[str, Any] = {}
+
+        def prep(case=case, holder=holder):
+            holder.update(_prepare(case))
+            for _ in range(case["warmup"]):
+                holder["step"]()
+            sync(case["device"])
+            return {"params_m": holder["params_m"]}
+
+        results.append(_guarded(case, prep))
+        prepared.append(holder if results[-1]["status"] == "ok" else None)
+    live = [i for i, p in enumerate(prepared) if p is not None]
+    for i in live:
+        results[i].update(times_ms=[], load_timed=[loadavg(), None], paired_with=[cases[j]["model"] for j in live],
+                          mem_kind="not measured (paired)")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cases[0]["threads"])
+    try:
+        for _ in range(cases[0]["iters"]):
+            for i in live:
+                start = time.perf_counter()
+                prepared[i]["step"]()
+                sync(cases[i]["device"])
+                results[i]["times_ms"].append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    for i in live:
+        results[i]["load_timed"][1] = loadavg()
+        results[i] = _guarded(results[i], lambda i=i: _extras(cases[i], prepared[i]))
+    return results
+
+
+def _prepare(case: dict[str, Any]) -> dict[str, Any]:
+    """Build the model and input of a case: dict(model, forward, x, step, params_m)."""
+    import torch
+
+    device, dtype, mode, name = case["device"], case["dtype"], case["mode"], case["model"]
+    size, batch = tuple(case["size"]), case["batch"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Skip("CUDA is not available")
+    torch.set_num_threads(case["threads"])
+    torch.manual_seed(SEED)
+
+    x = forward = None
+    if mode.startswith("backbone"):
+        training = mode == "backbone-train"
+        model, forward = build_backbone(name, size, case["with_cp"])
+        model.to(device)
+        model.train(training)  # (MMDetection backbones' train() returns None)
+        if not training:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        x = torch.randn(batch, 3, *size, device=device)
+
+        if training:
+            def step():
+                with _autocast(device, dtype):
+                    outs = forward(x)
+                    loss = sum(o.float().pow(2).mean() for o in outs)
+                loss.backward()
+                for p in model.parameters():
+                    p.grad = None
+        else:
+            def step():
+                with torch.no_grad(), _autocast(device, dtype):
+                    return forward(x)
+    else:
+        training = mode == "detector-train"
+        model = build_detector(name, case["with_cp"]).to(device)
+        model.train(training)
+        inputs, samples = detector_batch(model, batch, size, training, device)
+        if training:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(device, dtype, model):
+                    losses = model(inputs, samples, mode="loss")
+                    loss, _ = model.parse_losses(losses)
+                loss.backward()
+                optimizer.step()
+        else:
+            def step():
+                with torch.no_grad(), _autocast(device, dtype, model):
+                    return model(inputs, samples, mode="predict")
+    return dict(model=model, forward=forward, x=x, step=step,
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+
+
+def _run_case(case: dict[str, Any]) -> dict[str, Any]:
+    prep = _prepare(case)
+    out: dict[str, Any] = {"params_m": prep["params_m"]}
+    device, step = case["device"], prep["step"]
+    for _ in range(case["warmup"]):
+        step()
+    sync(device)
+
+    times = []
+    load_start = loadavg()
+    with PeakMemory(device) as mem:
+        for _ in range(case["iters"]):
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    out.update(times_ms=[t * 1e3 for t in times], peak_mem_mb=mem.peak / 2**20,
+               peak_delta_mb=(mem.peak - mem.base) / 2**20, mem_kind=mem.kind,
+               load_timed=[load_start, loadavg()])  # 1/5/15-min load averages around the timed iterations
+    out.update(_extras(case, prep))
+    return out
+
+
+def _extras(case: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs and accuracy (untimed)."""
+    out = {}
+    if case["flops"]:
+        out["gflops"] = count_flops(prep["step"]) / 1e9
+    if case["mode"] == "backbone" and case["accuracy"]:
+        out.update(_accuracy(case, prep["model"], prep["forward"], prep["x"]))
+    return out
+
+
+def _accuracy(case, model, forward, x) -> dict[str, Any]:
+    """err_vs_fp32 for reduced-precision rows; parity vs birder (same weights, same dtype) for ours."""
+    import torch
+
+    info: dict[str, Any] = {}
+    device, dtype = case["device"], case["dtype"]
+    with torch.no_grad():
+        with _autocast(device, dtype):
+            outs = forward(x)
+        if dtype != "fp32":
+            info["err_vs_fp32"] = _rel_errors(outs, forward(x))
+        spec = MODELS[case["model"]]
+        if spec["kind"] == "ours":
+            ok, why = birder_available()
+            if not ok:
+                info["parity_vs_birder"] = why
+            else:
+                ref = make_birder(spec["arch"], tuple(case["size"])).to(device).eval()
+                with _autocast(device, dtype):
+                    refs = tuple(ref.detection_features(x).values())
+                info["parity_vs_birder"] = _rel_errors(outs, refs)
+    return info
+
+
+def loadavg() -> Optional[list[float]]:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except OSError:
+        return None

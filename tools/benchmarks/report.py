@@ -1,0 +1,187 @@
+"""The benchmark's tables and comparisons, and what the machine is."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Optional
+
+from .cases import DTYPES, sync
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result per case: latencies of all rounds pooled, memory as the median over rounds."""
+    ok = [r for r in rounds if r.get("status") == "ok"]
+    if not ok:
+        return rounds[-1]
+    merged = dict(ok[0])
+    for r in ok[1:]:  # FLOPs and accuracy come from the first round
+        merged.update({k: v for k, v in r.items() if k not in merged})
+    merged["flops"], merged["accuracy"] = ok[0]["flops"], ok[0]["accuracy"]
+    times = [t for r in ok for t in r["times_ms"]]
+    merged["times_ms"] = times
+    merged["round_medians_ms"] = [statistics.median(r["times_ms"]) for r in ok]
+    merged["load_timed"] = [r.get("load_timed") for r in ok]
+    for key in ("peak_mem_mb", "peak_delta_mb"):
+        if all(key in r for r in ok):
+            merged[key] = statistics.median(r[key] for r in ok)
+    merged["rounds_ok"] = len(ok)
+    return merged
+
+
+def summarize_times(result: dict[str, Any]) -> None:
+    times = sorted(result.get("times_ms") or [])
+    if not times:
+        return
+    result["median_ms"] = statistics.median(times)
+    result["p90_ms"] = times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
+    result["mean_ms"] = statistics.fmean(times)
+    result["images_per_s"] = result["batch"] * 1e3 / result["median_ms"]
+
+
+def _find(results, **match) -> Optional[dict[str, Any]]:
+    for r in results:
+        if r.get("status") == "ok" and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def comparisons(results: list[dict[str, Any]]) -> list[str]:
+    """The ratios users ask about (ours vs birder, with_cp memory, HieraDet-S vs Swin-T), as far
+    as the results contain both sides."""
+    lines = []
+    for size in sorted({tuple(r["size"]) for r in results}):
+        s = list(size)
+        tag = f"{size[0]}x{size[1]}"
+        for arch in ("small", "d_small"):
+            for dtype in DTYPES:
+                ours = _find(results, model=f"hieradet_{arch}", mode="backbone", dtype=dtype, size=s, with_cp=False)
+                ref = _find(results, model=f"birder_{arch}", mode="backbone", dtype=dtype, size=s, with_cp=False)
+                ref32 = _find(results, model=f"birder_{arch}", mode="backbone", dtype="fp32", size=s, with_cp=False)
+                if ours and ref:
+                    lines.append(f"backbone {tag} {arch} {dtype}: ours {ours['median_ms']:.0f} ms vs birder "
+                                 f"{ref['median_ms']:.0f} ms -> {ref['median_ms'] / ours['median_ms']:.3f}x")
+                if dtype != "fp32" and ours and ref32:
+                    lines.append(f"backbone {tag} {arch} ours {dtype} vs birder fp32: "
+                                 f"{ref32['median_ms'] / ours['median_ms']:.3f}x")
+        for name in ("hieradet_small", "hieradet_d_small"):
+            off = _find(results, model=name, mode="backbone-train", dtype="fp32", size=s, with_cp=False)
+            on = _find(results, model=name, mode="backbone-train", dtype="fp32", size=s, with_cp=True)
+            if off and on and "peak_delta_mb" in off and "peak_delta_mb" in on:
+                lines.append(f"{name} backbone-train {tag} (malloc {on.get('malloc', 'glibc')}) with_cp peak delta "
+                             f"{on['peak_delta_mb']:.0f} MB vs "
+                             f"{off['peak_delta_mb']:.0f} MB -> {on['peak_delta_mb'] / off['peak_delta_mb']:.2f}x; "
+                             f"time {on['median_ms'] / off['median_ms']:.2f}x")
+            for dtype in DTYPES:
+                ours = _find(results, model=name, mode="detector-train", dtype=dtype, size=s, with_cp=False)
+                swin = _find(results, model="swin_t", mode="detector-train", dtype=dtype, size=s, with_cp=False)
+                if ours and swin:
+                    lines.append(f"detector-train {tag} {dtype}: {name} / swin_t time = "
+                                 f"{ours['median_ms'] / swin['median_ms']:.2f}x")
+    return lines
+
+
+def _fmt_acc(r: dict[str, Any]) -> str:
+    parts = []
+    parity = r.get("parity_vs_birder")
+    if isinstance(parity, dict):
+        parts.append(f"vs birder {parity['max_rel']:.1e}")
+    elif parity:
+        parts.append("no birder")
+    err = r.get("err_vs_fp32")
+    if err:
+        parts.append(f"vs fp32 {err['max_rel']:.1e}/{err['norm_rel']:.1e}")
+    return "; ".join(parts)
+
+
+def _fmt_load(r: dict[str, Any]) -> str:
+    """The 1-minute load average when the timed iterations started (range over rounds)."""
+    rounds = r.get("load_timed") or []  # per round: [start, end], each the 1/5/15-min averages
+    if rounds and rounds[0] and isinstance(rounds[0][0], (int, float)):
+        rounds = [rounds]  # a single round's [start, end]
+    starts = [l[0][0] for l in rounds if l and l[0]]
+    if not starts:
+        return ""
+    lo, hi = min(starts), max(starts)
+    return f"{lo:.1f}" if hi - lo < 0.05 else f"{lo:.1f}-{hi:.1f}"
+
+
+def print_table(results: list[dict[str, Any]], file=sys.stdout, markdown: bool = False) -> None:
+    header = ["model", "mode", "dtype", "input", "cp", "median ms", "p90 ms", "img/s", "peak MB", "delta MB",
+              "GFLOPs", "load", "accuracy (max rel / norm rel)"]
+    rows = []
+    for r in results:
+        size = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
+        first = [r["model"], r["mode"], r["dtype"], size, "on" if r["with_cp"] else ""]
+        if r.get("status") != "ok":
+            rows.append(first + [""] * 7 + [f"{r.get('status')}: {r.get('reason', '')}"[:160]])
+            continue
+        rows.append(first + [f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['images_per_s']:.3f}",
+                             f"{r['peak_mem_mb']:.0f}" if "peak_mem_mb" in r else "paired",
+                             f"{r['peak_delta_mb']:.0f}" if "peak_delta_mb" in r else "",
+                             f"{r['gflops']:.1f}" if "gflops" in r else "", _fmt_load(r), _fmt_acc(r)])
+    if markdown:
+        print("| " + " | ".join(header) + " |", file=file)
+        print("|" + "|".join(" --- " for _ in header) + "|", file=file)
+        for row in rows:
+            print("| " + " | ".join(str(c) for c in row) + " |", file=file)
+        return
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header) - 1)]
+    line = lambda cells: "  ".join(str(c).ljust(widths[i]) if i < len(widths) else str(c) for i, c in enumerate(cells))
+    print(line(header), file=file)
+    print(line(["-" * w for w in widths] + ["-" * len(header[-1])]), file=file)
+    for row in rows:
+        print(line(row), file=file)
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = dict(cpu=cpu, cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+                mkldnn=torch.backends.mkldnn.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+        info["cpu_bf16_flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+    except OSError:
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def gemm_gflops(device: str, threads: int, tokens: int = 8192, dim: int = 384, hidden: int = 1536) -> dict[str, float]:
+    """Throughput of one MLP-sized linear (tokens x dim -> hidden) in fp32 and bf16: whether bf16
+    can pay off at all here. Without AMX, AVX-512 BF16 dot products do no more multiply-adds per
+    cycle than fp32 FMAs, and the conversions come on top."""
+    import torch
+    import torch.nn.functional as F
+
+    device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x = torch.randn(tokens, dim, device=device, dtype=dtype)
+        w = torch.randn(hidden, dim, device=device, dtype=dtype)
+        times = []
+        for i in range(8):
+            sync(device)
+            start = time.perf_counter()
+            F.linear(x, w)
+            sync(device)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+        out[name] = round(2 * tokens * dim * hidden / statistics.median(times) / 1e9, 1)
+    torch.set_num_threads(previous)
+    return out
