@@ -1,12 +1,13 @@
 """Evaluate a checkpoint (MMDetection's ``tools/test.py`` command line).
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out RESULTS.pkl]
-                         [--show] [--show-dir DIR] [--wait-time S] [--tta]
+                         [--show] [--show-dir DIR] [--wait-time S] [--tta] [--allow-partial-load]
                          [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
 
 Prints the config's test metrics (COCO bbox AP, and segm AP for Mask R-CNN, through MMDetection's
 ``CocoMetric``) and a one-line summary. The checkpoint is read with torch's weights-only loader;
-one that needs arbitrary Python objects is refused.
+one that needs arbitrary Python objects is refused, and so is one that does not hold every
+weight of the detector in the right shape (``--allow-partial-load`` evaluates it anyway).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("--show-dir", help="write pictures of the predictions to WORK_DIR/TIMESTAMP/SHOW_DIR")
     parser.add_argument("--wait-time", type=float, default=2, help="seconds each --show picture stays up")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (config's tta_model/tta_pipeline)")
+    parser.add_argument("--allow-partial-load", action="store_true",
+                        help="evaluate even if the checkpoint lacks weights of the detector (those keep their "
+                             "random initial values) or has others")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config entries")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     from mmengine.config import Config
 
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
-    from hieradet_mmdet.engine.runner import build_runner, check_checkpoint, prepare_config
+    from hieradet_mmdet.engine.runner import build_runner, check_checkpoint, checkpoint_mismatch, prepare_config
     from hieradet_mmdet.weights import CheckpointError
     from mmdet.utils import register_all_modules
 
@@ -109,6 +113,15 @@ def main(argv=None) -> int:
     init_distributed(args.launcher)
     prepare_config(cfg, args.launcher)
     runner = build_runner(cfg)
+    mismatch = checkpoint_mismatch(runner.model, args.checkpoint)
+    if mismatch:
+        if not args.allow_partial_load:
+            print(f"error: checkpoint {args.checkpoint} does not fit the detector of {args.config}; evaluating it "
+                  f"would score random weights.\n{mismatch}\n(--allow-partial-load evaluates it anyway)",
+                  file=sys.stderr)
+            finish_distributed()
+            return 1
+        print(f"warning: {args.checkpoint} loads only partly (--allow-partial-load):\n{mismatch}", file=sys.stderr)
     metrics = runner.test()
     if runner.rank == 0:
         print(f"[hieradet-mmdet] test metrics: {summary_line(metrics) or metrics}", flush=True)

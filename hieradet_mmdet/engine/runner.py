@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
+from ..weights.load import state_dict_mismatch
 from ..weights.reader import allow_mmengine_types, load_file
 from .checks import HieraDetCheckHook
 from .distributed import cpu_data_parallel
@@ -35,6 +37,18 @@ def check_checkpoint(path: str) -> None:
     which runs weights-only too."""
     if "://" not in path:
         load_file(os.path.expanduser(path), mmap=True)
+
+
+def checkpoint_mismatch(model, path: str) -> Optional[str]:
+    """What keeps checkpoint ``path`` from loading into ``model`` strictly, grouped by module
+    (missing, unexpected, shape mismatches), or None if every weight fits. MMEngine's own loading
+    is not strict: it warns and evaluates whatever it could not load at random initial values."""
+    content, _ = load_file(os.path.expanduser(path), mmap=True)
+    state = content.get("state_dict", content) if isinstance(content, dict) else {}
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()
+             if hasattr(v, "shape")}
+    model = getattr(model, "module", model)
+    return state_dict_mismatch(state, model.state_dict())
 
 
 def prepare_config(cfg, launcher: str = "none"):

@@ -186,6 +186,41 @@ def test_corrupt_checkpoint_is_reported(tiny, tmp_path):
     assert "cannot read checkpoint" in proc.stderr and str(broken) in proc.stderr, fail_text(proc)
 
 
+def _variants(ckpt: dict) -> dict:
+    """Checkpoints that do not fit the tiny 3-class Mask R-CNN, as users end up holding them."""
+    state = ckpt["state_dict"]
+    coco_head = dict(state)
+    for key in ("roi_head.bbox_head.fc_cls.weight", "roi_head.bbox_head.fc_cls.bias"):
+        coco_head[key] = torch.zeros(81, *state[key].shape[1:])  # 80 classes + background
+    coco_head["roi_head.mask_head.conv_logits.weight"] = torch.zeros(80, 256, 1, 1)
+    return {
+        "backbone-only": ({k: v for k, v in state.items() if k.startswith("backbone.")}, ["neck.*", "roi_head.*"]),
+        "renamed": ({f"detector.{k}": v for k, v in state.items()}, ["backbone.*", "detector.*"]),
+        "coco-head": ({"meta": ckpt["meta"], "state_dict": coco_head},
+                      ["roi_head.bbox_head.fc_cls.weight: (81, 1024) vs (4, 1024)"]),
+    }
+
+
+def test_test_py_refuses_checkpoints_that_do_not_fit_the_detector(trained, tiny, tmp_path):
+    config, _ = tiny
+    ckpt = load_ckpt(trained / f"iter_{ITERS}.pth")
+    for name, (content, expected) in _variants(ckpt).items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(content, path)
+        proc = run_tool("tools/test.py", str(config), str(path), "--work-dir", str(tmp_path / name))
+        assert proc.returncode == 1, f"{name}\n{fail_text(proc)}"
+        assert f"checkpoint {path} does not fit the detector" in proc.stderr, fail_text(proc)
+        for text in expected:
+            assert text in proc.stderr, f"{name}: {text!r}\n{fail_text(proc)}"
+        assert len(proc.stderr.splitlines()) < 40, "the keys are grouped, not listed one per line"
+        assert "bbox_mAP" not in proc.stdout
+    path = tmp_path / "backbone-only.pth"
+    proc = run_tool("tools/test.py", str(config), str(path), "--work-dir", str(tmp_path / "partial"),
+                    "--allow-partial-load")
+    assert proc.returncode == 0 and "loads only partly" in proc.stderr, fail_text(proc)
+    assert "[hieradet-mmdet] test metrics: bbox_mAP=" in proc.stdout
+
+
 def test_corrupt_dataset_image_stops_test_py_naming_the_file(trained, tiny, tmp_path):
     config, data = tiny
     bad_root = tmp_path / "data"

@@ -275,3 +275,33 @@ def test_missing_file_and_unknown_name():
         read_checkpoint("/no/such/dir/model.pt")
     with pytest.raises(WeightsUnavailableError, match=f"Unknown HieraDet weights name 'hieradet_huge'.*{PUBLISHED}"):
         read_checkpoint("hieradet_huge")
+
+
+class LooksUpAttribute:
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_mmengine_log_buffers_load_but_getattr_stays_fenced(tmp_path):
+    """MMEngine pickles HistoryBuffer statistics as getattr(HistoryBuffer, 'mean'): exactly those
+    four load, in a process that never created a buffer; any other getattr is refused."""
+    import subprocess
+    import sys
+
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    good = tmp_path / "log_buffers.pth"
+    torch.save({"meta": {"stats": [LooksUpAttribute(HistoryBuffer, n) for n in ("min", "max", "current", "mean")]},
+                "state_dict": {"pos_embed": torch.zeros(1)}}, good)
+    code = ("import sys, torch, hieradet_mmdet; "
+            "print(torch.load(sys.argv[1], weights_only=True)['meta']['stats'][3].__name__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(good)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "mean", proc.stderr[-2000:]
+    for owner, name in ((HistoryBuffer, "update"), (HistoryBuffer, "__init__"), (np.ndarray, "tofile")):
+        bad = tmp_path / f"{name}.pth"
+        torch.save({"state": {}, "signature": LooksUpAttribute(owner, name)}, bad)
+        with pytest.raises(CheckpointError, match=f"refusing to load checkpoint {re.escape(str(bad))}"):
+            read_checkpoint(bad)

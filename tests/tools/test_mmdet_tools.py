@@ -1,0 +1,111 @@
+"""MMDetection's own tools (the copies inside the installed wheel, mmdet/.mim/tools), run from a
+directory outside this repository on a config that loads the plugin through custom_imports:
+train, then test, resume, infer (DetInferencer, init_detector) and count FLOPs with what train wrote."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import fail_text, run_tool, tiny_detector_config
+
+ITERS = 2
+
+
+def mmdet_tool(name: str) -> Path:
+    import mmdet
+
+    return Path(mmdet.__file__).parent / ".mim" / "tools" / name
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    """(directory, config, work dir): a run of MMDetection's own train.py, outside the repository."""
+    directory = tmp_path_factory.mktemp("mmdet_tools")
+    config, _ = tiny_detector_config(directory, iters=ITERS)
+    work = directory / "work"
+    proc = run_tool(mmdet_tool("train.py"), config, "--work-dir", work, cwd=directory)
+    assert proc.returncode == 0, fail_text(proc)
+    assert (work / f"iter_{ITERS}.pth").is_file()
+    return directory, config, work
+
+
+def test_mmdet_test_py_evaluates_what_its_train_py_wrote(user_run):
+    directory, config, work = user_run
+    proc = run_tool(mmdet_tool("test.py"), config, work / f"iter_{ITERS}.pth", "--work-dir", directory / "eval",
+                    cwd=directory)
+    assert proc.returncode == 0, fail_text(proc)
+    text = proc.stdout + proc.stderr
+    assert "bbox_mAP_copypaste" in text and "segm_mAP_copypaste" in text
+    assert "do not match exactly" not in text  # every weight of the detector was in the checkpoint
+
+
+def test_mmdet_train_py_resumes(user_run, tmp_path):
+    directory, config, work = user_run
+    resumed = tmp_path / "work"
+    shutil.copytree(work, resumed)
+    (resumed / "last_checkpoint").write_text(str(resumed / f"iter_{ITERS}.pth"))
+    proc = run_tool(mmdet_tool("train.py"), config, "--work-dir", resumed, "--resume",
+                    "--cfg-options", f"train_cfg.max_iters={ITERS + 1}", cwd=directory)
+    assert proc.returncode == 0, fail_text(proc)
+    log = proc.stdout + proc.stderr
+    assert f"resumed epoch: 0, iter: {ITERS}" in log, fail_text(proc)
+    assert f"Iter(train) [{ITERS + 1}/{ITERS + 1}]" in log
+
+
+INFER = """
+import sys
+from mmdet.apis import DetInferencer, inference_detector, init_detector
+config, checkpoint, image = sys.argv[1:]
+model = init_detector(config, checkpoint, device="cpu")
+result = inference_detector(model, image)
+print("init_detector", len(result.pred_instances.bboxes))
+inferencer = DetInferencer(model=config, weights=checkpoint, device="cpu", show_progress=False)
+out = inferencer(image, no_save_vis=True, return_datasamples=True)
+print("DetInferencer", len(out["predictions"][0].pred_instances.bboxes))
+"""
+
+
+def test_det_inferencer_and_init_detector_load_what_train_py_wrote(user_run):
+    """In a fresh process: whether MMEngine's checkpoints load must not depend on what ran before."""
+    directory, config, work = user_run
+    image = next((directory / "data" / "val").glob("*.png"))
+    proc = run_tool(sys.executable, "-c", INFER, config, work / f"iter_{ITERS}.pth", image, cwd=directory)
+    assert proc.returncode == 0, fail_text(proc)
+    counts = dict(re.findall(r"^(init_detector|DetInferencer) (\d+)$", proc.stdout, re.M))
+    assert set(counts) == {"init_detector", "DetInferencer"}, fail_text(proc)
+    assert int(counts["init_detector"]) > 0 and counts["init_detector"] == counts["DetInferencer"]
+
+
+def test_mmdet_get_flops_counts_a_hieradet_mask_rcnn(user_run):
+    directory, config, _ = user_run
+    proc = run_tool(mmdet_tool("analysis_tools/get_flops.py"), config, "--num-images", "2", cwd=directory)
+    assert proc.returncode == 0, fail_text(proc)
+    flops = re.search(r"^Flops: ([0-9.]+)G$", proc.stdout, re.M)
+    assert flops and float(flops.group(1)) > 0, fail_text(proc)
+    assert "scaled_dot_product" not in proc.stdout + proc.stderr  # no attention left uncounted
+
+
+@pytest.mark.parametrize("arch", ["small", "d_small"])
+def test_mmengine_flop_count_agrees_with_the_benchmarks(arch):
+    """MMEngine (get_flops.py) counts a multiply-add as one FLOP and LayerNorm too; the benchmark
+    (torch's FlopCounterMode) counts a multiply-add as two and no normalisation. Convolutions,
+    linears and attention then agree exactly, on either path of the model."""
+    from benchmarks.flops import count_flops
+    from mmengine.analysis import FlopAnalyzer
+
+    from hieradet_mmdet.models import HieraDet
+
+    model = HieraDet(arch).eval()
+    x = torch.randn(1, 3, 200, 328)  # a size birder cannot run
+    by_operator = dict(FlopAnalyzer(model, (x,)).unsupported_ops_warnings(False).by_operator())
+    assert by_operator["matmul"] > 0  # attention
+    model.fast_path = False
+    with torch.no_grad():
+        benchmark = count_flops(lambda: model(x))
+    assert sum(v for k, v in by_operator.items() if k != "layer_norm") * 2 == benchmark
