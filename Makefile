@@ -11,7 +11,7 @@ setup:
 	PYTHON=$(PYTHON) bash tools/setup_env.sh
 	touch $(STAMP)
 
-$(STAMP): tools/setup_env.sh setup.py
+$(STAMP): tools/setup_env.sh pyproject.toml
 	$(MAKE) setup
 
 test: $(STAMP)

@@ -100,14 +100,18 @@ if ! mmcv_ops_work; then
     "${PIP[@]}" install -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf opencv-python
 fi
 
-if ! have "mmdet==$MMDET_VERSION" "birder==$BIRDER_VERSION"; then
-    say "installing mmdet $MMDET_VERSION, pycocotools, and birder $BIRDER_VERSION + safetensors (test reference)"
-    "${PIP[@]}" install -c "$CONSTRAINTS" "mmdet==$MMDET_VERSION" pycocotools \
-        "birder==$BIRDER_VERSION" safetensors pytest
+if ! have "mmdet==$MMDET_VERSION"; then
+    say "installing mmdet $MMDET_VERSION"
+    "${PIP[@]}" install -c "$CONSTRAINTS" "mmdet==$MMDET_VERSION"
 fi
-# birder asks for a newer setuptools; mmcv and mmengine's mmdet:: lookup still import pkg_resources.
-"${PIP[@]}" install -c "$CONSTRAINTS" "$SETUPTOOLS_PIN"
-
-"${PIP[@]}" install -c "$CONSTRAINTS" --no-deps --no-build-isolation -e "$ROOT"
+# This package, editable, with its test extras: pytest (+ pytest-randomly), pycocotools, birder
+# (the reference the tests compare against), safetensors, onnx + onnxruntime (export tests).
+# birder asks for a newer setuptools; the constraints keep the one mmcv and mmengine need.
+if ! have "birder==$BIRDER_VERSION" \
+        || ! "$PY" -c 'import hieradet_mmdet, pytest_randomly, onnx, onnxscript, onnxruntime, pycocotools, safetensors' 2>/dev/null \
+        || [ "$("$PY" -c 'import hieradet_mmdet, os; print(os.path.dirname(os.path.dirname(hieradet_mmdet.__file__)))' 2>/dev/null)" != "$ROOT" ]; then
+    say "installing hieradet-mmdet (editable) with its test dependencies"
+    "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT[test]"
+fi
 
 "$PY" -c "import hieradet_mmdet, mmdet, torch; from mmcv.ops import nms, RoIAlign; print('[setup] ready: torch', torch.__version__, '| mmdet', mmdet.__version__)"
