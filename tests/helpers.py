@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -261,10 +262,24 @@ def load_mmengine_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# A HieraDet of every block kind (q-pools, windows that tile and that need padding, global) but
+# narrow, with Mask R-CNN heads to match: checkpoints of a few MB, steps of a fraction of a second.
+NARROW_MODEL = {
+    "model.backbone.arch": dict(_delete_=True, depths=(1, 1, 2, 1), embed_dim=16, num_heads=1, global_pos_size=(7, 7),
+                                global_att_blocks=(3,), window_spec=(8, 4, 14, 7)),
+    "model.neck.in_channels": [16, 32, 64, 128], "model.neck.out_channels": 32,
+    "model.rpn_head.in_channels": 32, "model.rpn_head.feat_channels": 32,
+    "model.roi_head.bbox_roi_extractor.out_channels": 32, "model.roi_head.bbox_head.in_channels": 32,
+    "model.roi_head.bbox_head.fc_out_channels": 64, "model.roi_head.mask_roi_extractor.out_channels": 32,
+    "model.roi_head.mask_head.in_channels": 32, "model.roi_head.mask_head.conv_out_channels": 32,
+}
+
+
 def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base: str = "maskrcnn_hieradet_s.py",
-                         num_train: int = 4, num_val: int = 2) -> tuple[Path, Path]:
+                         num_train: int = 4, num_val: int = 2, narrow: bool = False,
+                         options: Optional[dict] = None) -> tuple[Path, Path]:
     """A small synthetic COCO dataset and a standalone config of ``base`` on it (random backbone,
-    an ``iters``-iteration schedule, few proposals): (config path, data root)."""
+    an ``iters``-iteration schedule, few proposals; ``narrow``: NARROW_MODEL): (config path, data root)."""
     import synthetic_coco
     from demo import small_run_overrides
 
@@ -282,6 +297,10 @@ def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base:
     cfg.model.backbone.drop_path_rate = 0.0
     if cfg.model.get("test_cfg", {}).get("rcnn") is not None:
         cfg.model.test_cfg.rcnn.score_thr = 0.0  # an untrained model still outputs boxes -> real AP numbers
+    if narrow:
+        cfg.merge_from_dict(NARROW_MODEL)
+    if options:
+        cfg.merge_from_dict(options)
     path = directory / f"tiny_{Path(base).stem}.py"
     cfg.dump(str(path))
     return path, data

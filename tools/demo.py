@@ -153,7 +153,7 @@ def small_run_overrides(max_iters: int, batch_size: int = 2, lr: float = 1e-4, w
         "val_dataloader": dict(batch_size=1, num_workers=num_workers, persistent_workers=num_workers > 0),
         "test_dataloader": dict(batch_size=1, num_workers=num_workers, persistent_workers=num_workers > 0),
         "default_hooks.logger.interval": log_interval,
-        "default_hooks.checkpoint": dict(type="CheckpointHook", by_epoch=False, interval=max_iters, max_keep_ckpts=2),
+        "default_hooks.checkpoint": dict(type="SafeCheckpointHook", by_epoch=False, interval=max_iters, max_keep_ckpts=2),
         "log_processor": dict(type="LogProcessor", window_size=log_interval, by_epoch=False),
         "model.train_cfg.rpn_proposal.nms_pre": 4 * proposals,
         "model.train_cfg.rpn_proposal.max_per_img": proposals,

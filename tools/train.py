@@ -31,11 +31,14 @@ def parse_args(argv=None):
     parser.add_argument("--auto-scale-lr", action="store_true",
                         help="scale the lr by (GPUs x batch size) / auto_scale_lr.base_batch_size")
     parser.add_argument("--resume", nargs="?", type=str, const="auto",
-                        help="resume from CKPT, or without a value from the latest checkpoint in the work dir")
+                        help="resume from CKPT, or without a value from the newest intact checkpoint in the work dir")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction,
                         help="override config entries, e.g. train_cfg.max_iters=100 'model.backbone.init_cfg=None'")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                         help="job launcher for distributed training")
+    parser.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                        help="how long data-parallel processes wait for a silent one before stopping "
+                             "(default: 300 on CPU, torch's 1800 on GPUs)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -51,9 +54,10 @@ def main(argv=None) -> int:
 
     import torch
     from mmengine.config import Config
-    from mmengine.runner import find_latest_checkpoint
 
+    from hieradet_mmdet.engine.checkpointing import find_resumable_checkpoint
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
+    from hieradet_mmdet.engine.finite_loss import NonFiniteLossError
     from hieradet_mmdet.engine.runner import build_runner, check_checkpoint, prepare_config
     from hieradet_mmdet.weights import CheckpointError
     from mmdet.utils import register_all_modules
@@ -86,28 +90,49 @@ def main(argv=None) -> int:
             return 2
         cfg.auto_scale_lr.enable = True
 
-    if args.resume == "auto":
-        cfg.resume, cfg.load_from = True, None
-    elif args.resume is not None:
-        cfg.resume, cfg.load_from = True, args.resume
-
-    # Refuse unsafe or broken checkpoints before any process group or model exists.
-    to_check = cfg.get("load_from")
-    if args.resume == "auto":
-        to_check = find_latest_checkpoint(cfg.work_dir)
+    # Refuse unsafe, corrupt or broken checkpoints before any process group or model exists.
     try:
-        if to_check:
-            check_checkpoint(to_check)
+        if args.resume == "auto":  # the newest checkpoint that verifies (it says so if that is not the newest)
+            cfg.resume, cfg.load_from = True, find_resumable_checkpoint(cfg.work_dir)
+        elif args.resume is not None:
+            cfg.resume, cfg.load_from = True, args.resume
+        if cfg.get("load_from"):
+            check_checkpoint(cfg.load_from)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    init_distributed(args.launcher)
-    prepare_config(cfg, args.launcher)
+    init_distributed(args.launcher, args.dist_timeout)
+    prepare_config(cfg, args.launcher, args.dist_timeout)
     runner = build_runner(cfg)
-    runner.train()
+    try:
+        runner.train()
+    except (NonFiniteLossError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. a checkpoint that could not be written: the message says what is intact
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        silent = _silent_ranks(err)
+        if silent is None:
+            raise
+        print(f"error: data-parallel training stopped: {silent}\n({str(err).splitlines()[0]})", file=sys.stderr)
+        return 1
     finish_distributed()
     return 0
+
+
+def _silent_ranks(err: RuntimeError):
+    """Which process stopped answering, when ``err`` is a collective that timed out."""
+    import torch.distributed as dist
+
+    from hieradet_mmdet.engine.distributed import silent_ranks
+
+    text = str(err).lower()
+    if not (dist.is_available() and dist.is_initialized()) or not any(w in text for w in ("timed out", "timeout")):
+        return None
+    return silent_ranks() or "a process stopped answering (its heartbeat could not be read)"
 
 
 if __name__ == "__main__":

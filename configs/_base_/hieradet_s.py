@@ -5,9 +5,10 @@
 # `hieradet_*` variables, and each config applies them with `_base_.hieradet_*`.
 
 custom_imports = dict(imports=['hieradet_mmdet'], allow_failed_imports=False)
-# Checks the neck against the backbone before anything runs, and the preprocessing against the
-# loaded checkpoint's rgb_stats (hieradet_mmdet.engine.checks).
-custom_hooks = [dict(type='HieraDetCheckHook')]
+# HieraDetCheckHook: the neck against the backbone before anything runs, the preprocessing against
+# the loaded checkpoint's rgb_stats. FiniteLossHook: a non-finite loss stops training before the
+# step that would write NaNs into the weights ('skip' instead: dict(type=..., on_nonfinite='skip')).
+custom_hooks = [dict(type='HieraDetCheckHook'), dict(type='FiniteLossHook')]
 
 # Backbone output channels at strides 4, 8, 16, 32 (HieraDet-S: 96 * 2**stage).
 hieradet_s_channels = [96, 192, 384, 768]

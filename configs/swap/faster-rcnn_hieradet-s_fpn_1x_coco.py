@@ -18,3 +18,6 @@ model = dict(
 # and gradient clipping); SGD at lr 0.02 diverges with this backbone.
 optim_wrapper = dict(_delete_=True, **_base_.hieradet_optim_wrapper)
 auto_scale_lr = _base_.hieradet_auto_scale_lr
+# Checkpoints written atomically with a digest and the random states: a crash never loses a
+# complete one, and --resume repeats the uninterrupted run (hieradet_mmdet.engine.checkpointing).
+default_hooks = dict(checkpoint=dict(type='SafeCheckpointHook'))

@@ -1,11 +1,16 @@
-"""MMEngine / MMDetection integration: optimizer constructor, mixed precision, checks, data
-loading, distributed setup. Importing it registers everything under the names configs use."""
+"""MMEngine / MMDetection integration: optimizer constructor, mixed precision, checks, safe
+checkpoints and loss checks, data loading, distributed setup. Importing it registers everything
+under the names configs use."""
 
-from . import amp, checks, layer_decay, transforms  # noqa: F401  (registration)
 from .amp import AutocastOptimWrapper
+from .checkpointing import SafeCheckpointHook
 from .checks import HieraDetCheckHook, check_detector
+from .datasets import CheckedCocoDataset
+from .distributed import HeartbeatHook
+from .finite_loss import FiniteLossHook, NonFiniteLossError
 from .layer_decay import HieraDetLayerDecayConstructor
 from .transforms import CheckedLoadImageFromFile
 
-__all__ = ["AutocastOptimWrapper", "CheckedLoadImageFromFile", "HieraDetCheckHook", "HieraDetLayerDecayConstructor",
-           "check_detector"]
+__all__ = ["AutocastOptimWrapper", "CheckedCocoDataset", "CheckedLoadImageFromFile", "FiniteLossHook",
+           "HeartbeatHook", "HieraDetCheckHook", "HieraDetLayerDecayConstructor", "NonFiniteLossError",
+           "SafeCheckpointHook", "check_detector"]

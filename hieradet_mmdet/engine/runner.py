@@ -3,8 +3,11 @@
 * :func:`enforce_safe_loading`: every ``torch.load`` in the process runs weights-only (the
   allowlist of :mod:`hieradet_mmdet.weights.safe_globals` on top of torch's own), and
   :func:`check_checkpoint` refuses a file that would need more up front, naming it.
-* :func:`prepare_config`: CPU data-parallel settings (:mod:`.distributed`), image loading that
-  names broken files (:mod:`.transforms`), and the detector checks (:mod:`.checks`).
+* :func:`prepare_config`: whatever the config, the safety this package offers through MMEngine's
+  own extension points: data-parallel settings (:mod:`.distributed`), crash-safe checkpoints
+  (:mod:`.checkpointing`), the non-finite loss check (:mod:`.finite_loss`), image and annotation
+  loading that names broken files (:mod:`.transforms`, :mod:`.datasets`), detector checks
+  (:mod:`.checks`).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from typing import Optional
 
 from ..weights.load import state_dict_mismatch
 from ..weights.reader import allow_mmengine_types, load_file
-from .checks import HieraDetCheckHook
-from .distributed import cpu_data_parallel
-from .transforms import use_checked_image_loading
+from .checkpointing import verify_checkpoint
+from .distributed import data_parallel_config
+
+CHECKED_TYPES = {"LoadImageFromFile": "CheckedLoadImageFromFile", "mmdet.LoadImageFromFile": "CheckedLoadImageFromFile",
+                 "mmcv.LoadImageFromFile": "CheckedLoadImageFromFile", "CocoDataset": "CheckedCocoDataset",
+                 "mmdet.CocoDataset": "CheckedCocoDataset"}
 
 
 def enforce_safe_loading() -> None:
@@ -31,12 +37,12 @@ def enforce_safe_loading() -> None:
 
 
 def check_checkpoint(path: str) -> None:
-    """Unpickle ``path`` weights-only, tensors memory-mapped (cheap); raises
-    :class:`~hieradet_mmdet.weights.CheckpointError` naming the file if it is missing,
-    unreadable or needs anything the allowlist does not cover. URLs are left to the loader,
-    which runs weights-only too."""
+    """Unpickle ``path`` weights-only, tensors memory-mapped, and check its digest if it has one;
+    raises :class:`~hieradet_mmdet.weights.CheckpointError` naming the file if it is missing,
+    unreadable, corrupt or needs anything the allowlist does not cover. URLs are left to the
+    loader, which runs weights-only too."""
     if "://" not in path:
-        load_file(os.path.expanduser(path), mmap=True)
+        verify_checkpoint(os.path.expanduser(path))
 
 
 def checkpoint_mismatch(model, path: str) -> Optional[str]:
@@ -51,17 +57,33 @@ def checkpoint_mismatch(model, path: str) -> Optional[str]:
     return state_dict_mismatch(state, model.state_dict())
 
 
-def prepare_config(cfg, launcher: str = "none"):
+def prepare_config(cfg, launcher: str = "none", dist_timeout_s: Optional[float] = None):
     """Adapt a loaded MMDetection config to this machine and our tools (in place; returns it)."""
     cfg.launcher = launcher
-    cpu_data_parallel(cfg, launcher)
+    data_parallel_config(cfg, launcher, dist_timeout_s)
     for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
         if cfg.get(key) is not None:
-            use_checked_image_loading(cfg[key])
+            _replace_types(cfg[key], CHECKED_TYPES)
+    wanted = ["HieraDetCheckHook", "FiniteLossHook"] + (["HeartbeatHook"] if launcher != "none" else [])
     hooks = list(cfg.get("custom_hooks") or [])
-    if not any(h.get("type") in ("HieraDetCheckHook", HieraDetCheckHook) for h in hooks):
-        cfg.custom_hooks = hooks + [dict(type="HieraDetCheckHook")]
+    present = {h.get("type") for h in hooks}
+    cfg.custom_hooks = hooks + [dict(type=t) for t in wanted if t not in present]
+    checkpoint = (cfg.get("default_hooks") or {}).get("checkpoint")
+    if checkpoint is not None and checkpoint.get("type") in ("CheckpointHook", "mmengine.CheckpointHook"):
+        checkpoint["type"] = "SafeCheckpointHook"
     return cfg
+
+
+def _replace_types(node, mapping: dict) -> None:
+    """Replace registered ``type`` names throughout a config subtree (in place)."""
+    if isinstance(node, dict):
+        if node.get("type") in mapping:
+            node["type"] = mapping[node["type"]]
+        for value in node.values():
+            _replace_types(value, mapping)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _replace_types(value, mapping)
 
 
 def build_runner(cfg):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Optional
+from typing import Optional
 
 import mmcv
 from mmcv.transforms import LoadImageFromFile
@@ -65,15 +65,3 @@ class CheckedLoadImageFromFile(LoadImageFromFile):
         results["img_shape"] = img.shape[:2]
         results["ori_shape"] = img.shape[:2]
         return results
-
-
-def use_checked_image_loading(node: Any) -> None:
-    """Replace every ``LoadImageFromFile`` in a config's pipelines (in place) with ours."""
-    if isinstance(node, dict):
-        if node.get("type") in ("LoadImageFromFile", "mmdet.LoadImageFromFile", "mmcv.LoadImageFromFile"):
-            node["type"] = "CheckedLoadImageFromFile"
-        for value in node.values():
-            use_checked_image_loading(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            use_checked_image_loading(value)

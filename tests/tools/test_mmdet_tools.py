@@ -45,11 +45,20 @@ def test_mmdet_test_py_evaluates_what_its_train_py_wrote(user_run):
     assert "do not match exactly" not in text  # every weight of the detector was in the checkpoint
 
 
+def test_mmdet_train_py_writes_crash_safe_checkpoints(user_run):
+    """The config's one line (SafeCheckpointHook) gives MMDetection's own train.py the same checkpoints."""
+    from hieradet_mmdet.engine.checkpointing import verify_checkpoint
+
+    _, _, work = user_run
+    assert (work / "last_checkpoint").read_text() == f"iter_{ITERS}.pth"  # relative to the work dir
+    assert verify_checkpoint(str(work / f"iter_{ITERS}.pth"))  # carries a digest, and it matches
+    assert not [p for p in work.iterdir() if ".tmp-" in p.name]
+
+
 def test_mmdet_train_py_resumes(user_run, tmp_path):
     directory, config, work = user_run
     resumed = tmp_path / "work"
-    shutil.copytree(work, resumed)
-    (resumed / "last_checkpoint").write_text(str(resumed / f"iter_{ITERS}.pth"))
+    shutil.copytree(work, resumed)  # a moved work dir: last_checkpoint holds a relative path
     proc = run_tool(mmdet_tool("train.py"), config, "--work-dir", resumed, "--resume",
                     "--cfg-options", f"train_cfg.max_iters={ITERS + 1}", cwd=directory)
     assert proc.returncode == 0, fail_text(proc)
