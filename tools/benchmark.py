@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paired", action="store_true",
                         help="run the models of each mode/dtype/size in one process with their iterations "
                              "interleaved: fair time ratios on a machine whose load changes (no peak memory)")
+    parser.add_argument("--heads", choices=("neutral", "random"), default="neutral",
+                        help="detector modes: 'neutral' zeroes the heads' output layers, so that every model's "
+                             "heads get the same proposals and detections (the anchors) and do the same work; "
+                             "'random' keeps the random initialisation, whose boxes depend on the backbone")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="also profile one step per case with torch.profiler and write its operator table here")
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds per isolated case")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -121,7 +127,8 @@ def make_cases(args) -> list[dict[str, Any]]:
                         cases.append(dict(model=name, mode=mode, dtype=dtype, size=list(size), batch=args.batch,
                                           with_cp=with_cp, device=args.device, threads=args.threads,
                                           iters=args.iters, warmup=args.warmup, flops=args.flops,
-                                          accuracy=args.accuracy, malloc=args.malloc))
+                                          accuracy=args.accuracy, malloc=args.malloc, heads=args.heads,
+                                          profile=str(args.profile) if args.profile else None))
     return cases
 
 
@@ -191,16 +198,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 else:
                     label += f": {status} ({result.get('reason', '')[:120]})"
                 print(label, file=sys.stderr, flush=True)
+    load_after = loadavg()
+    machine = machine_info(args.device)
+    gemm = machine["gemm_gflops"] = gemm_gflops(args.device, args.threads)
     results = [merge_rounds(r) for r in per_case]
     for r in results:
-        summarize_times(r)
+        summarize_times(r, gemm)
     report = dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None
                   else "tools/benchmark.py " + " ".join(shlex.quote(a) for a in argv),
-                  machine=machine_info(args.device), threads=args.threads, device=args.device,
-                  malloc=args.malloc, load_before=load_before, load_after=loadavg(), rounds=args.rounds,
+                  machine=machine, threads=args.threads, device=args.device,
+                  malloc=args.malloc, load_before=load_before, load_after=load_after, rounds=args.rounds,
                   results=results, comparisons=comparisons(results))
     print_table(results, markdown=args.markdown)
-    gemm = report["machine"]["gemm_gflops"] = gemm_gflops(args.device, args.threads)
     print(f"\nload average before/after: {load_before} / {report['load_after']}; threads {args.threads}; "
           f"malloc {args.malloc}; {report['machine']['cpu']}; linear GFLOP/s fp32 {gemm['fp32']} / bf16 {gemm['bf16']}")
     for line in report["comparisons"]:

@@ -1,66 +1,121 @@
-"""Mixed precision without a GPU: bfloat16 autocast over the detector's feature extractor."""
+"""Mixed precision for detectors where MMEngine's ``AmpOptimWrapper`` does not reach: on CPUs.
+
+bfloat16 pays off on a CPU only where its matrix products are faster than float32's: with AMX
+(Intel Xeon from Sapphire Rapids on) or full-rate AVX-512 BF16 dot products (AMD Zen 4 on); with
+AVX-512 BF16 alone (earlier Intel Xeons) they are slower than float32. :func:`bf16_speedup`
+measures it once per process, and the tools choose bf16 or float32 from it and say so.
+
+:func:`autocast_detector` runs a whole detector under bf16 autocast: backbone, neck and heads do
+their convolutions and matrix products in bf16, and the ops that need float32 get it. mmcv's CPU
+RoIAlign / RoIPool kernels take float32 only: their inputs are cast up there. The heads' output
+layers (class scores, box deltas, centerness, mask logits) run in float32, so decoding, score
+thresholds and NMS see float32 numbers, as without autocast.
+"""
 
 from __future__ import annotations
 
+import functools
+import time
 from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import torch
-from torch import nn
-
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
+from torch import nn
+
+# The last layer of every MMDetection head we ship (RPN, RetinaNet, FCOS, (Cascade) R-CNN box and
+# mask heads): their outputs are decoded and thresholded, which wants float32.
+OUTPUT_LAYERS = ("rpn_cls", "rpn_reg", "retina_cls", "retina_reg", "conv_cls", "conv_reg", "conv_centerness",
+                 "fc_cls", "fc_reg", "conv_logits")
+FAST_BF16 = 1.3  # bf16 must run matrix products at least this much faster than fp32 to be chosen
 
 
-@OPTIM_WRAPPERS.register_module()
-class AutocastOptimWrapper(OptimWrapper):
-    """Mixed precision on any device: bfloat16 autocast over the detector's feature extractor.
+@functools.lru_cache(maxsize=None)
+def bf16_speedup(device: str = "cpu", size: int = 1024) -> float:
+    """How many times faster bf16 matrix products run than float32 ones here (measured once)."""
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        runs = []
+        for i in range(6):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                runs.append(time.perf_counter() - start)
+        times[dtype] = min(runs)
+    return times[torch.float32] / times[torch.bfloat16]
 
-    MMEngine's ``AmpOptimWrapper`` needs an accelerator (it asserts CUDA/NPU/MLU). bfloat16 keeps
-    fp32's exponent range, so no loss scaling is needed and this wrapper also runs on CPU
-    (AVX-512 BF16); ``tools/train.py --amp`` picks it when there is no GPU. mmcv's CPU kernels
-    (nms, RoIAlign) take only float32, so only ``autocast_modules`` (the backbone and neck, where
-    nearly all the compute is) run under autocast and hand float32 maps to the heads;
-    ``autocast_modules=None`` autocasts the whole model."""
 
-    def __init__(self, optimizer, dtype: str = "bfloat16",
-                 autocast_modules: Optional[Iterable[str]] = ("backbone", "neck"), **kwargs) -> None:
-        super().__init__(optimizer, **kwargs)
-        self.cast_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.autocast_modules = None if autocast_modules is None else tuple(autocast_modules)
-
-    @contextmanager
-    def optim_context(self, model: nn.Module):
-        with super().optim_context(model), autocast_parts(model, self.autocast_modules, self.cast_dtype):
-            yield
+def cpu_mixed_precision() -> tuple[Optional[torch.dtype], str]:
+    """(bf16 or None, the reason in a sentence) for mixed precision on this CPU."""
+    speedup = bf16_speedup("cpu")
+    if speedup >= FAST_BF16:
+        return torch.bfloat16, (f"bf16 matrix products run {speedup:.1f}x as fast as float32 on this CPU (measured): "
+                                "bfloat16 autocast over the whole detector, float32 at the RoI ops and the heads' "
+                                "output layers")
+    return None, (f"bf16 matrix products run {speedup:.2f}x as fast as float32 on this CPU (measured; no AMX or "
+                  "full-rate AVX-512 BF16): staying in float32")
 
 
 @contextmanager
-def autocast_parts(model: nn.Module, names: Optional[Iterable[str]] = ("backbone", "neck"),
-                   dtype: torch.dtype = torch.bfloat16):
-    """Autocast the named submodules of ``model`` (all of it for ``names=None``) to ``dtype``,
-    handing float32 outputs on to the rest."""
+def autocast_detector(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
+                      parts: Optional[Iterable[str]] = None):
+    """Autocast ``model`` to ``dtype`` (module docstring); ``parts`` (e.g. ``("backbone", "neck")``)
+    limits autocast to those submodules, which then hand float32 outputs on."""
+    model = getattr(model, "module", model)
     device = next(model.parameters()).device.type
-    if names is None:
-        with torch.autocast(device_type=device, dtype=dtype):
-            yield
-        return
-    modules = [getattr(model, name) for name in names if hasattr(model, name)]
-    for module in modules:
-        module.forward = _autocast_to_float32(module.forward, device, dtype)
+    if parts is not None:
+        wrapped = [getattr(model, name) for name in parts if hasattr(model, name)]
+        for module in wrapped:
+            module.forward = _cast_outputs(_with_autocast(module.forward, device, dtype))
+    else:
+        wrapped = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_LAYERS]
+        for module in wrapped:
+            module.forward = _in_float32(module.forward, device)
+        roi_ops = [m for m in model.modules() if _is_roi_op(m)]
+        for module in roi_ops:
+            module.forward = _in_float32(module.forward, device, same_dtype_out=True)
+        wrapped += roi_ops
     try:
-        yield
+        if parts is None:
+            with torch.autocast(device_type=device, dtype=dtype):
+                yield
+        else:
+            yield
     finally:
-        for module in modules:
+        for module in wrapped:
             del module.forward  # back to the class's forward
 
 
-def _autocast_to_float32(forward, device: str, dtype: torch.dtype):
+def _is_roi_op(module: nn.Module) -> bool:
+    return type(module).__name__ in ("RoIAlign", "RoIPool") and type(module).__module__.startswith("mmcv")
+
+
+def _with_autocast(forward, device: str, dtype: torch.dtype):
     def wrapped(*args, **kwargs):
         with torch.autocast(device_type=device, dtype=dtype):
-            out = forward(*args, **kwargs)
-        return _to_float32(out)
+            return forward(*args, **kwargs)
     return wrapped
+
+
+def _in_float32(forward, device: str, same_dtype_out: bool = False):
+    """Run ``forward`` without autocast on float32 inputs; ``same_dtype_out``: hand the result back
+    in the first input's dtype (the RoI extractors write it into a tensor of that dtype)."""
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type=device, enabled=False):
+            out = forward(*_to_float32(args), **kwargs)
+        return out.to(args[0].dtype) if same_dtype_out else out
+    return wrapped
+
+
+def _cast_outputs(forward):
+    return lambda *args, **kwargs: _to_float32(forward(*args, **kwargs))
 
 
 def _to_float32(out):
@@ -69,3 +124,23 @@ def _to_float32(out):
     if isinstance(out, (tuple, list)):
         return type(out)(_to_float32(o) for o in out)
     return out
+
+
+@OPTIM_WRAPPERS.register_module()
+class AutocastOptimWrapper(OptimWrapper):
+    """bfloat16 autocast for training where MMEngine's ``AmpOptimWrapper`` (which asserts an
+    accelerator) does not apply. bfloat16 keeps float32's exponent range: no loss scaling.
+    ``autocast_modules=None`` autocasts the whole detector (:func:`autocast_detector`); a list
+    of submodule names (e.g. ``('backbone', 'neck')``) only those. ``tools/train.py --amp``
+    chooses it on CPUs with fast bf16."""
+
+    def __init__(self, optimizer, dtype: str = "bfloat16", autocast_modules: Optional[Iterable[str]] = None,
+                 **kwargs) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.cast_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.autocast_modules = None if autocast_modules is None else tuple(autocast_modules)
+
+    @contextmanager
+    def optim_context(self, model: nn.Module):
+        with super().optim_context(model), autocast_detector(model, self.cast_dtype, self.autocast_modules):
+            yield

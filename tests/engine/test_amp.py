@@ -1,21 +1,83 @@
-"""AutocastOptimWrapper: what ``tools/train.py --amp`` uses without a GPU."""
+"""Mixed precision without a GPU: the whole detector under bf16 autocast, float32 at the RoI ops
+and the heads' output layers; and the measured choice between bf16 and float32."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from helpers import assert_trains_and_predicts, build_detector, load_config
+from helpers import assert_trains_and_predicts, build_detector, load_config, synthetic_batch
+from hieradet_mmdet.engine import amp
 
 
-def test_bf16_autocast_training_step():
-    """What `tools/train.py --amp` runs on a machine without a GPU (AmpOptimWrapper on CUDA)."""
-    from hieradet_mmdet.engine.amp import AutocastOptimWrapper
+def record_dtypes(model, names):
+    seen = {}
 
+    def hook(module, inputs, output, name):
+        seen.setdefault(name, (inputs[0].dtype, output.dtype))
+
+    for name in names:
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
+    return seen
+
+
+def test_bf16_training_step_over_the_whole_detector():
+    """What `tools/train.py --amp` runs on a CPU with fast bf16 (AmpOptimWrapper on CUDA)."""
     cfg = load_config("maskrcnn_hieradet_s.py")
     model = build_detector(cfg)
-    dtypes = []
-    model.backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    seen = record_dtypes(model, ["backbone.blocks.0.attn.qkv", "neck.fpn_convs.0.conv", "rpn_head.rpn_conv",
+                                 "rpn_head.rpn_reg", "roi_head.bbox_head.shared_fcs.0", "roi_head.bbox_head.fc_cls",
+                                 "roi_head.mask_head.convs.0.conv", "roi_head.mask_head.conv_logits",
+                                 "roi_head.bbox_roi_extractor.roi_layers.0"])
     out = assert_trains_and_predicts(model, dict(cfg.optim_wrapper, type="AutocastOptimWrapper"))
-    assert isinstance(out["optim_wrapper"], AutocastOptimWrapper)
-    assert dtypes[0] == torch.bfloat16  # the training forward really ran in bf16
-    assert "forward" not in vars(model.backbone) and "forward" not in vars(model.neck)
+    assert isinstance(out["optim_wrapper"], amp.AutocastOptimWrapper)
+    for name in ("backbone.blocks.0.attn.qkv", "neck.fpn_convs.0.conv", "rpn_head.rpn_conv",
+                 "roi_head.bbox_head.shared_fcs.0", "roi_head.mask_head.convs.0.conv"):
+        assert seen[name][1] == torch.bfloat16, name  # the training forward really ran in bf16
+    for name in ("rpn_head.rpn_reg", "roi_head.bbox_head.fc_cls", "roi_head.mask_head.conv_logits"):
+        assert seen[name] == (torch.bfloat16, torch.float32), name  # output layers compute in float32
+    # mmcv's CPU RoIAlign takes float32 only: it gets its bf16 maps cast up and hands bf16 back
+    assert seen["roi_head.bbox_roi_extractor.roi_layers.0"] == (torch.bfloat16, torch.bfloat16)
+    assert not [n for n, m in model.named_modules() if "forward" in vars(m)]  # every wrapper removed again
+
+
+def test_bf16_autocast_of_backbone_and_neck_only():
+    cfg = load_config("maskrcnn_hieradet_s.py")
+    model = build_detector(cfg)
+    seen = record_dtypes(model, ["backbone.blocks.0.attn.qkv", "rpn_head.rpn_conv"])
+    assert_trains_and_predicts(model, dict(cfg.optim_wrapper, type="AutocastOptimWrapper",
+                                           autocast_modules=("backbone", "neck")))
+    assert seen["backbone.blocks.0.attn.qkv"][1] == torch.bfloat16
+    assert seen["rpn_head.rpn_conv"] == (torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("config", ["retinanet_hieradet_s.py", "swap/fcos_hieradet-s_fpn_1x_coco.py",
+                                    "swap/cascade-mask-rcnn_hieradet-s_fpn_1x_coco.py"])
+def test_every_shipped_detector_predicts_under_bf16_close_to_float32(config):
+    """Heads whose output layers stay float32 give the same top detections as float32 inference."""
+    cfg = load_config(config)
+    with_mask = "mask" in config
+    model = build_detector(cfg).eval()
+    data = model.data_preprocessor(synthetic_batch(with_mask=with_mask), False)
+    with torch.no_grad():
+        ref = model(**data, mode="predict")
+        with amp.autocast_detector(model):
+            out = model(**data, mode="predict")
+    for r, o in zip(ref, out):
+        a, b = r.pred_instances, o.pred_instances
+        assert b.bboxes.dtype == b.scores.dtype == torch.float32
+        if len(a) and len(b):
+            assert torch.allclose(a.scores[:1], b.scores[:1], rtol=0.1, atol=1e-3)
+
+
+def test_the_choice_between_bf16_and_float32_follows_the_measured_speed(monkeypatch):
+    monkeypatch.setattr(amp, "bf16_speedup", lambda device="cpu": 3.2)
+    dtype, reason = amp.cpu_mixed_precision()
+    assert dtype == torch.bfloat16 and "3.2x as fast" in reason and "whole detector" in reason
+    monkeypatch.setattr(amp, "bf16_speedup", lambda device="cpu": 0.7)
+    dtype, reason = amp.cpu_mixed_precision()
+    assert dtype is None and "0.70x as fast" in reason and "staying in float32" in reason
+
+
+def test_the_speed_measurement_gives_a_ratio():
+    assert 0.05 < amp.bf16_speedup("cpu", size=256) < 100

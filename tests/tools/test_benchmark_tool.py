@@ -84,3 +84,32 @@ def test_cli_rejects_bad_sizes():
     tool = load_tool()
     with pytest.raises(SystemExit):
         tool.build_parser().parse_args(["--sizes", "800by1344"])
+
+
+def test_neutral_heads_give_every_backbone_the_same_boxes():
+    """The detector cases compare backbones by the work around them: with neutral heads every
+    model's RoI ops see the same proposals and the mask head the same detections."""
+    import torch
+
+    from benchmarks.cases import build_detector, detector_batch
+
+    results = {}
+    for name in ("hieradet_small", "swin_t"):
+        model = build_detector(name, with_cp=False, heads="neutral").eval()
+        inputs, samples = detector_batch(model, 1, (128, 192), False, "cpu")
+        with torch.no_grad():
+            results[name] = model(inputs, samples, mode="predict")[0].pred_instances
+    a, b = results["hieradet_small"], results["swin_t"]
+    assert len(a) == len(b) == 100  # max_per_img detections, as with trained weights
+    assert torch.equal(a.bboxes, b.bboxes) and torch.equal(a.labels, b.labels)
+
+
+def test_detector_cases_split_the_time_at_the_backbone():
+    tool = load_tool()
+    report = tool.main(["--models", "hieradet_small", "--mode", "detector-infer", "detector-train", "--sizes",
+                        "128x192", "--iters", "1", "--warmup", "0", "--threads", "1", "--no-isolate", "--no-accuracy"])
+    for row in report["results"]:
+        assert row["status"] == "ok", row.get("reason")
+        assert 0 < row["backbone_median_ms"] < row["median_ms"]
+        assert row["outside_median_ms"] == pytest.approx(row["median_ms"] - row["backbone_median_ms"])
+        assert row["gflop_per_s"] > 0 and 0 < row["of_linear_peak"]

@@ -92,10 +92,6 @@ def _mmdet_config(name: str, arch: Optional[str], with_cp: bool):
         cfg = Config.fromfile(_config_path(MODELS[name]["config"]))
     cfg.model.backbone.init_cfg = None  # random weights: no download, same cost
     cfg.model.backbone.with_cp = with_cp
-    # Random weights give few or many detections above the usual 0.05 score threshold; keep every
-    # detection (up to max_per_img) so the mask head always does the same work in every model.
-    if cfg.model.get("test_cfg", {}).get("rcnn") is not None:
-        cfg.model.test_cfg.rcnn.score_thr = 0.0
     return cfg
 
 
@@ -129,7 +125,7 @@ def build_backbone(name: str, size: tuple[int, int], with_cp: bool):
     return model, model
 
 
-def build_detector(name: str, with_cp: bool):
+def build_detector(name: str, with_cp: bool, heads: str = "neutral"):
     spec = MODELS[name]
     if spec["kind"] == "birder":
         raise Skip("birder's HieraDet has no MMDetection detector; see hieradet_small")
@@ -139,7 +135,14 @@ def build_detector(name: str, with_cp: bool):
 
     torch.manual_seed(SEED)
     cfg = _mmdet_config(name, spec.get("arch"), with_cp)
-    return REGISTRY.build(cfg.model)
+    if heads == "random" and cfg.model.get("test_cfg", {}).get("rcnn") is not None:
+        # Random weights give few or many detections above the usual 0.05 score threshold; keep
+        # every one (up to max_per_img) so that the mask head does the same work in every model.
+        cfg.model.test_cfg.rcnn.score_thr = 0.0
+    model = REGISTRY.build(cfg.model)
+    if heads == "neutral":
+        neutral_heads(model)
+    return model
 
 
 def detector_batch(model, batch: int, size: tuple[int, int], training: bool, device: str):
@@ -167,17 +170,17 @@ def _rel_errors(outs, refs) -> dict[str, float]:
 
 
 def _autocast(device: str, dtype: str, model=None):
-    """Autocast for a case: a backbone all of it; a detector as ``tools/train.py --amp`` does on
-    CPU, its backbone and neck (mmcv's CPU RoI and NMS kernels take float32 only)."""
+    """Autocast for a case: a backbone all of it; a detector as ``tools/train.py --amp`` and
+    ``tools/test.py --amp`` run it (hieradet_mmdet.engine.amp.autocast_detector)."""
     import torch
 
     if dtype == "fp32":
         return contextlib.nullcontext()
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    if model is not None and device == "cpu":
-        from hieradet_mmdet.engine.amp import autocast_parts
+    if model is not None:
+        from hieradet_mmdet.engine.amp import autocast_detector
 
-        return autocast_parts(model, ("backbone", "neck"), low)
+        return autocast_detector(model, low)
     return torch.autocast(device, dtype=low)
 
 
@@ -241,10 +244,15 @@ def run_paired(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     try:
         for _ in range(cases[0]["iters"]):
             for i in live:
+                clock = prepared[i]["backbone_ms"]
+                if clock:
+                    clock()
                 start = time.perf_counter()
                 prepared[i]["step"]()
                 sync(cases[i]["device"])
                 results[i]["times_ms"].append((time.perf_counter() - start) * 1e3)
+                if clock:
+                    results[i].setdefault("backbone_ms", []).append(clock())
     finally:
         torch.set_num_threads(threads)
     for i in live:
@@ -289,9 +297,10 @@ def _prepare(case: dict[str, Any]) -> dict[str, Any]:
                     return forward(x)
     else:
         training = mode == "detector-train"
-        model = build_detector(name, case["with_cp"]).to(device)
+        model = build_detector(name, case["with_cp"], case.get("heads", "neutral")).to(device)
         model.train(training)
         inputs, samples = detector_batch(model, batch, size, training, device)
+        clock = BackboneClock(model.backbone, device)
         if training:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
@@ -307,7 +316,64 @@ def _prepare(case: dict[str, Any]) -> dict[str, Any]:
                 with torch.no_grad(), _autocast(device, dtype, model):
                     return model(inputs, samples, mode="predict")
     return dict(model=model, forward=forward, x=x, step=step,
-                params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                backbone_ms=clock.take if not mode.startswith("backbone") else None)
+
+
+def neutral_heads(model) -> None:
+    """Heads that do the same work whatever the backbone: output layers zeroed, so every proposal
+    is an anchor with the same score and every RoI keeps its box, and the box classifier biased to
+    one class, so that the proposals become up to max_per_img detections of it as with trained
+    weights. With random weights the boxes would depend on the backbone, and RoIAlign's cost on
+    their sizes (it samples every bin adaptively): up to 3x between backbones."""
+    import torch
+
+    from hieradet_mmdet.engine.amp import OUTPUT_LAYERS
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            last = name.rsplit(".", 1)[-1]
+            if last in OUTPUT_LAYERS:
+                for p in module.parameters():
+                    p.zero_()
+            if last == "fc_cls" and module.bias is not None:
+                module.bias[0] = 10.0
+
+
+class BackboneClock:
+    """Time spent in a detector's backbone during one step: its forward, and in training its
+    backward (from the moment all its outputs have their gradients to the end of the step)."""
+
+    def __init__(self, backbone, device: str) -> None:
+        import torch
+
+        self.device, self.spent, self.backward_start = device, 0.0, None
+        self._start = 0.0
+
+        def pre(module, args):
+            sync(device)
+            self._start = time.perf_counter()
+
+        def post(module, args, outputs):
+            sync(device)
+            self.spent += time.perf_counter() - self._start
+            grads = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
+            if grads:
+                torch.autograd.graph.register_multi_grad_hook(grads, self._backward_reached)
+
+        backbone.register_forward_pre_hook(pre)
+        backbone.register_forward_hook(post)
+
+    def _backward_reached(self, grads) -> None:
+        self.backward_start = time.perf_counter()
+
+    def take(self) -> float:
+        """Milliseconds in the backbone since the last call (call right after a step ends)."""
+        spent = self.spent
+        if self.backward_start is not None:
+            spent += time.perf_counter() - self.backward_start
+        self.spent, self.backward_start = 0.0, None
+        return spent * 1e3
 
 
 def _run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -318,14 +384,20 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
         step()
     sync(device)
 
-    times = []
+    times, backbone = [], []
     load_start = loadavg()
     with PeakMemory(device) as mem:
         for _ in range(case["iters"]):
+            if prep["backbone_ms"]:
+                prep["backbone_ms"]()  # forget the warm-up's
             start = time.perf_counter()
             step()
             sync(device)
             times.append(time.perf_counter() - start)
+            if prep["backbone_ms"]:
+                backbone.append(prep["backbone_ms"]())
+    if backbone:
+        out["backbone_ms"] = backbone
     out.update(times_ms=[t * 1e3 for t in times], peak_mem_mb=mem.peak / 2**20,
                peak_delta_mb=(mem.peak - mem.base) / 2**20, mem_kind=mem.kind,
                load_timed=[load_start, loadavg()])  # 1/5/15-min load averages around the timed iterations
@@ -334,13 +406,32 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def _extras(case: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
-    """FLOPs and accuracy (untimed)."""
+    """FLOPs, accuracy and the operator profile (untimed)."""
     out = {}
     if case["flops"]:
         out["gflops"] = count_flops(prep["step"]) / 1e9
+    if case.get("profile"):
+        out["profile"] = write_profile(case, prep["step"])
     if case["mode"] == "backbone" and case["accuracy"]:
         out.update(_accuracy(case, prep["model"], prep["forward"], prep["x"]))
     return out
+
+
+def write_profile(case: dict[str, Any], step: Callable[[], Any]) -> str:
+    """One step under torch.profiler: the operator table (self time first) as a text file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case["device"] == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(case["device"])
+    directory = Path(case["profile"])
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / (f"{case['model']}_{case['mode']}_{case['dtype']}_{case['batch']}x{case['size'][0]}x"
+                        f"{case['size'][1]}{'_cp' if case['with_cp'] else ''}.txt")
+    sort = "self_cuda_time_total" if case["device"] == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+    return str(path)
 
 
 def _accuracy(case, model, forward, x) -> dict[str, Any]:

@@ -24,6 +24,8 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     merged["flops"], merged["accuracy"] = ok[0]["flops"], ok[0]["accuracy"]
     times = [t for r in ok for t in r["times_ms"]]
     merged["times_ms"] = times
+    if all("backbone_ms" in r for r in ok):
+        merged["backbone_ms"] = [t for r in ok for t in r["backbone_ms"]]
     merged["round_medians_ms"] = [statistics.median(r["times_ms"]) for r in ok]
     merged["load_timed"] = [r.get("load_timed") for r in ok]
     for key in ("peak_mem_mb", "peak_delta_mb"):
@@ -33,7 +35,9 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def summarize_times(result: dict[str, Any]) -> None:
+def summarize_times(result: dict[str, Any], linear_gflops: Optional[dict[str, float]] = None) -> None:
+    """Medians, p90, images/s; for detectors the time in and outside the backbone; the achieved
+    GFLOP/s and its share of what one linear layer reaches on this machine in the same dtype."""
     times = sorted(result.get("times_ms") or [])
     if not times:
         return
@@ -41,6 +45,15 @@ def summarize_times(result: dict[str, Any]) -> None:
     result["p90_ms"] = times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)]
     result["mean_ms"] = statistics.fmean(times)
     result["images_per_s"] = result["batch"] * 1e3 / result["median_ms"]
+    if result.get("backbone_ms"):
+        result["outside_ms"] = [t - b for t, b in zip(result["times_ms"], result["backbone_ms"])]
+        result["backbone_median_ms"] = statistics.median(result["backbone_ms"])
+        result["outside_median_ms"] = statistics.median(result["outside_ms"])
+    if "gflops" in result:
+        result["gflop_per_s"] = result["gflops"] / (result["median_ms"] / 1e3)
+        peak = (linear_gflops or {}).get(result["dtype"])
+        if peak:
+            result["of_linear_peak"] = result["gflop_per_s"] / peak
 
 
 def _find(results, **match) -> Optional[dict[str, Any]]:
@@ -76,13 +89,29 @@ def comparisons(results: list[dict[str, Any]]) -> list[str]:
                              f"{on['peak_delta_mb']:.0f} MB vs "
                              f"{off['peak_delta_mb']:.0f} MB -> {on['peak_delta_mb'] / off['peak_delta_mb']:.2f}x; "
                              f"time {on['median_ms'] / off['median_ms']:.2f}x")
-            for dtype in DTYPES:
-                ours = _find(results, model=name, mode="detector-train", dtype=dtype, size=s, with_cp=False)
-                swin = _find(results, model="swin_t", mode="detector-train", dtype=dtype, size=s, with_cp=False)
-                if ours and swin:
-                    lines.append(f"detector-train {tag} {dtype}: {name} / swin_t time = "
-                                 f"{ours['median_ms'] / swin['median_ms']:.2f}x")
+            for mode in ("detector-infer", "detector-train"):
+                for dtype in DTYPES:
+                    ours = _find(results, model=name, mode=mode, dtype=dtype, size=s, with_cp=False)
+                    swin = _find(results, model="swin_t", mode=mode, dtype=dtype, size=s, with_cp=False)
+                    if ours and swin:
+                        lines.append(f"{mode} {tag} {dtype}: {name} / swin_t: time {_ratio(ours, swin, 'times_ms')}"
+                                     f", outside the backbone {_ratio(ours, swin, 'outside_ms')}")
+                ours32 = _find(results, model=name, mode=mode, dtype="fp32", size=s, with_cp=False)
+                ours16 = _find(results, model=name, mode=mode, dtype="bf16", size=s, with_cp=False)
+                if ours32 and ours16:
+                    lines.append(f"{mode} {tag} {name}: bf16 runs {ours32['median_ms'] / ours16['median_ms']:.2f}x "
+                                 "as fast as fp32")
     return lines
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
+    """a / b of a per-iteration time: the median of the per-iteration ratios when the two ran paired
+    (interleaved in one process, so load changes hit both alike), else the ratio of the medians."""
+    if key not in a or key not in b:
+        return "n/a"
+    if a.get("paired_with") and len(a[key]) == len(b[key]):
+        return f"{statistics.median(x / y for x, y in zip(a[key], b[key])):.2f}x (paired, {len(a[key])} pairs)"
+    return f"{statistics.median(a[key]) / statistics.median(b[key]):.2f}x"
 
 
 def _fmt_acc(r: dict[str, Any]) -> str:
@@ -111,19 +140,24 @@ def _fmt_load(r: dict[str, Any]) -> str:
 
 
 def print_table(results: list[dict[str, Any]], file=sys.stdout, markdown: bool = False) -> None:
-    header = ["model", "mode", "dtype", "input", "cp", "median ms", "p90 ms", "img/s", "peak MB", "delta MB",
-              "GFLOPs", "load", "accuracy (max rel / norm rel)"]
+    header = ["model", "mode", "dtype", "input", "cp", "median ms", "p90 ms", "img/s", "backbone ms", "outside ms",
+              "peak MB", "delta MB", "GFLOPs", "GFLOP/s", "of linear", "load", "accuracy (max rel / norm rel)"]
     rows = []
     for r in results:
         size = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
         first = [r["model"], r["mode"], r["dtype"], size, "on" if r["with_cp"] else ""]
         if r.get("status") != "ok":
-            rows.append(first + [""] * 7 + [f"{r.get('status')}: {r.get('reason', '')}"[:160]])
+            rows.append(first + [""] * 11 + [f"{r.get('status')}: {r.get('reason', '')}"[:160]])
             continue
         rows.append(first + [f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['images_per_s']:.3f}",
+                             f"{r['backbone_median_ms']:.1f}" if "backbone_median_ms" in r else "",
+                             f"{r['outside_median_ms']:.1f}" if "outside_median_ms" in r else "",
                              f"{r['peak_mem_mb']:.0f}" if "peak_mem_mb" in r else "paired",
                              f"{r['peak_delta_mb']:.0f}" if "peak_delta_mb" in r else "",
-                             f"{r['gflops']:.1f}" if "gflops" in r else "", _fmt_load(r), _fmt_acc(r)])
+                             f"{r['gflops']:.1f}" if "gflops" in r else "",
+                             f"{r['gflop_per_s']:.0f}" if "gflop_per_s" in r else "",
+                             f"{r['of_linear_peak']:.0%}" if "of_linear_peak" in r else "",
+                             _fmt_load(r), _fmt_acc(r)])
     if markdown:
         print("| " + " | ".join(header) + " |", file=file)
         print("|" + "|".join(" --- " for _ in header) + "|", file=file)
