@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="detector modes: 'neutral' zeroes the heads' output layers, so that every model's "
                              "heads get the same proposals and detections (the anchors) and do the same work; "
                              "'random' keeps the random initialisation, whose boxes depend on the backbone")
+    parser.add_argument("--config", help="detector modes, our models: the detector config (default "
+                                         "configs/maskrcnn_hieradet_s.py)")
+    parser.add_argument("--checkpoint", help="detector modes, our models: a trained checkpoint of --config's detector "
+                                             "(bf16 rows then compare their detections with fp32's)")
+    parser.add_argument("--images", nargs="+", metavar="IMAGE",
+                        help="detector modes: these images (resized to --sizes) instead of random pixels")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="also profile one step per case with torch.profiler and write its operator table here")
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds per isolated case")
@@ -128,6 +134,7 @@ def make_cases(args) -> list[dict[str, Any]]:
                                           with_cp=with_cp, device=args.device, threads=args.threads,
                                           iters=args.iters, warmup=args.warmup, flops=args.flops,
                                           accuracy=args.accuracy, malloc=args.malloc, heads=args.heads,
+                                          config=args.config, checkpoint=args.checkpoint, images=args.images,
                                           profile=str(args.profile) if args.profile else None))
     return cases
 

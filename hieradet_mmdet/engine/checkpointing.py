@@ -247,11 +247,11 @@ class SafeCheckpointHook(CheckpointHook):
     # -- writing --
 
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:
+        _refuse_nonfinite(runner)
         if not isinstance(self.file_backend, LocalBackend):
             print_log("SafeCheckpointHook writes atomically to local disks only; saving as CheckpointHook does",
                       logger="current", level=30)
             return super()._save_checkpoint_with_step(runner, step, meta)
-        _refuse_nonfinite(runner, step)
         states = [rng_state()]
         if _world()[1] > 1:
             states = [None] * _world()[1]
@@ -300,7 +300,7 @@ class SafeCheckpointHook(CheckpointHook):
         checkpoint["meta"][DIGEST_KEY] = tensor_digest(checkpoint)
 
 
-def _refuse_nonfinite(runner, step: int) -> None:
+def _refuse_nonfinite(runner) -> None:
     """Stop before writing a checkpoint of NaNs or infinities: a finite loss can still overflow the
     optimizer state (AdamW's squared gradients), and such a checkpoint is of no use to resume."""
     model = getattr(runner.model, "module", runner.model)

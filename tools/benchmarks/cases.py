@@ -77,12 +77,12 @@ def _config_path(path: str) -> str:
     return path
 
 
-def _mmdet_config(name: str, arch: Optional[str], with_cp: bool):
+def _mmdet_config(name: str, arch: Optional[str], with_cp: bool, config: Optional[str] = None):
     from mmengine.config import Config
 
     if MODELS[name]["kind"] == "ours":
-        if HIERADET_DETECTOR_CONFIG.exists():
-            cfg = Config.fromfile(str(HIERADET_DETECTOR_CONFIG))
+        if config or HIERADET_DETECTOR_CONFIG.exists():
+            cfg = Config.fromfile(str(config or HIERADET_DETECTOR_CONFIG))
         else:  # the R50 Mask R-CNN with the backbone swapped
             cfg = Config.fromfile(_config_path(MODELS["r50"]["config"]))
             cfg.model.backbone = dict(type="HieraDet", arch=arch, out_indices=(0, 1, 2, 3), drop_path_rate=0.2)
@@ -125,7 +125,7 @@ def build_backbone(name: str, size: tuple[int, int], with_cp: bool):
     return model, model
 
 
-def build_detector(name: str, with_cp: bool, heads: str = "neutral"):
+def build_detector(name: str, with_cp: bool, heads: str = "neutral", config: Optional[str] = None):
     spec = MODELS[name]
     if spec["kind"] == "birder":
         raise Skip("birder's HieraDet has no MMDetection detector; see hieradet_small")
@@ -134,7 +134,7 @@ def build_detector(name: str, with_cp: bool, heads: str = "neutral"):
     from mmdet.registry import MODELS as REGISTRY
 
     torch.manual_seed(SEED)
-    cfg = _mmdet_config(name, spec.get("arch"), with_cp)
+    cfg = _mmdet_config(name, spec.get("arch"), with_cp, config)
     if heads == "random" and cfg.model.get("test_cfg", {}).get("rcnn") is not None:
         # Random weights give few or many detections above the usual 0.05 score threshold; keep
         # every one (up to max_per_img) so that the mask head does the same work in every model.
@@ -145,13 +145,21 @@ def build_detector(name: str, with_cp: bool, heads: str = "neutral"):
     return model
 
 
-def detector_batch(model, batch: int, size: tuple[int, int], training: bool, device: str):
+def detector_batch(model, batch: int, size: tuple[int, int], training: bool, device: str,
+                   images: Optional[list[str]] = None):
+    """A preprocessed batch: MMDetection's demo inputs (random pixels, 8 random boxes per image), or
+    with ``images`` the first ``batch`` of those files resized to ``size``."""
     import torch
     from mmdet.testing import demo_mm_inputs
 
     torch.manual_seed(SEED)
     packed = demo_mm_inputs(batch_size=batch, image_shapes=[(3, *size)] * batch, num_items=[8] * batch,
                             num_classes=80, with_mask=True)
+    for i, path in enumerate((images or [])[:batch]):
+        import mmcv
+
+        img = mmcv.imread(path)  # BGR, as MMDetection's loaders read it
+        packed["inputs"][i] = torch.from_numpy(mmcv.imresize(img, size[::-1])).permute(2, 0, 1).contiguous()
     data = model.data_preprocessor(packed, training)
     return data["inputs"], data["data_samples"]
 
@@ -297,9 +305,12 @@ def _prepare(case: dict[str, Any]) -> dict[str, Any]:
                     return forward(x)
     else:
         training = mode == "detector-train"
-        model = build_detector(name, case["with_cp"], case.get("heads", "neutral")).to(device)
+        heads = "checkpoint" if case.get("checkpoint") else case.get("heads", "neutral")
+        model = build_detector(name, case["with_cp"], heads, case.get("config")).to(device)
+        if case.get("checkpoint"):
+            load_detector_checkpoint(model, case["checkpoint"])
         model.train(training)
-        inputs, samples = detector_batch(model, batch, size, training, device)
+        inputs, samples = detector_batch(model, batch, size, training, device, case.get("images"))
         clock = BackboneClock(model.backbone, device)
         if training:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -315,9 +326,22 @@ def _prepare(case: dict[str, Any]) -> dict[str, Any]:
             def step():
                 with torch.no_grad(), _autocast(device, dtype, model):
                     return model(inputs, samples, mode="predict")
-    return dict(model=model, forward=forward, x=x, step=step,
+    return dict(model=model, forward=forward, x=x, step=step, inputs=None if x is not None else inputs,
+                samples=None if x is not None else samples,
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6,
                 backbone_ms=clock.take if not mode.startswith("backbone") else None)
+
+
+def load_detector_checkpoint(model, path: str) -> None:
+    """A trained detector's weights (an MMEngine checkpoint of this config's model), strictly."""
+    from hieradet_mmdet.engine.runner import checkpoint_mismatch
+    from hieradet_mmdet.weights import load_file
+
+    mismatch = checkpoint_mismatch(model, path)
+    if mismatch:
+        raise ValueError(f"{path} does not fit the benchmark's {type(model).__name__}:\n{mismatch}")
+    content, _ = load_file(path)
+    model.load_state_dict(content.get("state_dict", content))
 
 
 def neutral_heads(model) -> None:
@@ -414,6 +438,8 @@ def _extras(case: dict[str, Any], prep: dict[str, Any]) -> dict[str, Any]:
         out["profile"] = write_profile(case, prep["step"])
     if case["mode"] == "backbone" and case["accuracy"]:
         out.update(_accuracy(case, prep["model"], prep["forward"], prep["x"]))
+    if case["mode"] == "detector-infer" and case["accuracy"] and case["dtype"] != "fp32":
+        out["agreement_vs_fp32"] = detection_agreement(case, prep)
     return out
 
 
@@ -456,6 +482,37 @@ def _accuracy(case, model, forward, x) -> dict[str, Any]:
                     refs = tuple(ref.detection_features(x).values())
                 info["parity_vs_birder"] = _rel_errors(outs, refs)
     return info
+
+
+def detection_agreement(case, prep, score_thr: float = 0.3) -> dict[str, Any]:
+    """The case's detections against the same model's float32 ones: how many of the float32
+    detections above ``score_thr`` have a reduced-precision one of the same class at IoU >= 0.5,
+    and the lowest box IoU (and mask IoU) among those pairs."""
+    import torch
+    from mmdet.structures.bbox import bbox_overlaps
+
+    with torch.no_grad():
+        low = prep["step"]()
+        ref = prep["model"](prep["inputs"], prep["samples"], mode="predict")
+    matched = total = 0
+    box_ious, mask_ious = [], []
+    for r, o in zip(ref, low):
+        a, b = r.pred_instances, o.pred_instances
+        a, b = a[a.scores >= score_thr], b[b.scores >= score_thr * 0.8]
+        total += len(a)
+        if not len(a) or not len(b):
+            continue
+        ious = bbox_overlaps(a.bboxes, b.bboxes)
+        ious[a.labels[:, None] != b.labels[None, :]] = 0
+        best, idx = ious.max(1)
+        for i in (best >= 0.5).nonzero().flatten().tolist():
+            matched += 1
+            box_ious.append(float(best[i]))
+            if "masks" in a:
+                m1, m2 = a.masks[i].bool(), b.masks[int(idx[i])].bool()
+                mask_ious.append(float((m1 & m2).sum() / (m1 | m2).sum().clamp_min(1)))
+    return dict(score_thr=score_thr, fp32_detections=total, matched=matched,
+                min_box_iou=min(box_ious, default=None), min_mask_iou=min(mask_ious, default=None))
 
 
 def loadavg() -> Optional[list[float]]:

@@ -124,6 +124,12 @@ def _fmt_acc(r: dict[str, Any]) -> str:
     err = r.get("err_vs_fp32")
     if err:
         parts.append(f"vs fp32 {err['max_rel']:.1e}/{err['norm_rel']:.1e}")
+    agree = r.get("agreement_vs_fp32")
+    if agree:
+        ious = (f", box IoU >= {agree['min_box_iou']:.3f}" if agree["min_box_iou"] is not None else "") + \
+            (f", mask IoU >= {agree['min_mask_iou']:.3f}" if agree["min_mask_iou"] is not None else "")
+        parts.append(f"{agree['matched']}/{agree['fp32_detections']} fp32 detections >= {agree['score_thr']} "
+                     f"found{ious}")
     return "; ".join(parts)
 
 
