@@ -73,11 +73,12 @@ class TwoStageDetector(nn.Module):
         boxes = boxes.expand(-1, self.num_classes, 4)
         valid = real.reshape(-1, 1) & (scores > self.score_thr)
 
-        # NMS per image and class, the classes' own boxes: (N * C) "batches" of p boxes.
+        # NMS per image and class, the classes' own boxes: (N * C) "batches" of p boxes. Reshapes
+        # leave the count that may be 0 as -1: a 0 in an ONNX Reshape means "keep this axis".
         c = self.num_classes
-        nms_boxes = boxes.reshape(n, p, c, 4).permute(0, 2, 1, 3).reshape(n * c, p, 4)
+        nms_boxes = boxes.reshape(n, -1, c, 4).permute(0, 2, 1, 3).reshape(n * c, -1, 4)
         nms_scores = torch.where(valid, scores, scores.new_full((), NOT_A_SCORE))
-        nms_scores = nms_scores.reshape(n, p, c).permute(0, 2, 1).reshape(n * c, 1, p)
+        nms_scores = nms_scores.reshape(n, -1, c).permute(0, 2, 1).reshape(n * c, 1, -1)
         selected = non_max_suppression(nms_boxes, nms_scores, self.max_per_img, self.iou_threshold, NOT_A_SCORE / 2)
         image = torch.div(selected[:, 0], c, rounding_mode="floor")
         label = selected[:, 0] - image * c
@@ -151,7 +152,7 @@ class TwoStageDetector(nn.Module):
                 logits = torch.gather(logits, 1, label[:, None, None, None].expand(-1, 1, *logits.shape[2:]))
             probs.append(logits[:, 0].sigmoid())
         masks = probs[0] if len(probs) == 1 else torch.stack(probs).mean(dim=0)
-        masks = masks.reshape(n, k, *masks.shape[1:])
+        masks = masks.reshape(n, -1, *masks.shape[1:])
         return torch.where(keep[..., None, None], masks, masks.new_zeros(()))
 
 
