@@ -1,6 +1,6 @@
 """Export a detector with a HieraDet backbone, its backbone alone, or the HieraDet classifier, as
 ONNX (or a ``torch.export`` program), check the file against the eager model, and write a JSON
-beside it with what a user needs to feed it.
+beside it (FILE.onnx.json, FILE.pt2.json) with what a user needs to feed it.
 
     python tools/export.py CONFIG [CHECKPOINT] --out FILE [--backbone-only] [--format onnx|pt2]
                            [--exporter torchscript|dynamo] [--check-image IMG ...] [--cfg-options K=V ...]
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report["seconds"] = round(time.time() - start, 1)
-    metadata_path = osp.splitext(args.out)[0] + ".json"
+    metadata_path = args.out + ".json"
     with open(metadata_path, "w") as f:
         json.dump(report["metadata"], f, indent=2)
     print(f"wrote {args.out} ({osp.getsize(args.out) / 2**20:.1f} MiB) and {metadata_path} in {report['seconds']} s")

@@ -18,8 +18,8 @@ import numpy as np
 
 
 def read_metadata(model_path) -> dict:
-    """The JSON written beside an exported model (``model.onnx`` -> ``model.json``)."""
-    path = Path(model_path).with_suffix(".json")
+    """The JSON written beside an exported model (``model.onnx`` -> ``model.onnx.json``)."""
+    path = Path(str(model_path) + ".json")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: tools/export.py writes it beside {Path(model_path).name}")
     return json.loads(path.read_text())
@@ -29,10 +29,13 @@ def load_image(path) -> np.ndarray:
     """An image file as BGR uint8 (H, W, 3), decoded as mmcv's LoadImageFromFile does."""
     import cv2
 
-    data = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as err:
+        raise ValueError(f"cannot read image {path}: {err.strerror}") from None
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        raise ValueError(f"cannot read image {path}")
+        raise ValueError(f"cannot read image {path}: not an image OpenCV can decode")
     return image
 
 
