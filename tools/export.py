@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import os.path as osp
+import re
 import sys
 import time
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     report["seconds"] = round(time.time() - start, 1)
     metadata_path = args.out + ".json"
     with open(metadata_path, "w") as f:
-        json.dump(report["metadata"], f, indent=2)
+        f.write(metadata_json(report["metadata"]))
     print(f"wrote {args.out} ({osp.getsize(args.out) / 2**20:.1f} MiB) and {metadata_path} in {report['seconds']} s")
     for line in report["check_lines"]:
         print(line)
@@ -252,7 +253,8 @@ def export_detector(args, model, cfg) -> dict:
                            "divide the boxes by the resize factor for the original image"),
                tensor_spec("labels", ["N", "K"], "int64", "class index; -1 on rows that pad an image's detections")]
     if len(names) > 2:
-        outputs.append(tensor_spec("masks", ["N", "K", "M", "M"], "float32",
+        size = int(outs[2].shape[-1])
+        outputs.append(tensor_spec("masks", ["N", "K", size, size], "float32",
                                    "mask probabilities of each detection's class inside its box"))
     metadata.update({
         "inputs": [tensor_spec("input", ["N", 3, "H", "W"], "float32", "the batch as the data preprocessor makes it"),
@@ -315,6 +317,12 @@ def base_metadata(args, kind: str, architecture: str) -> dict:
     else:
         versions["load_with"] = "import hieradet_mmdet.export.ops; torch.export.load(path).module()"
     return {"format": args.format, "model": kind, "architecture": architecture, "versions": versions}
+
+
+def metadata_json(metadata: dict) -> str:
+    """Indented JSON with lists of plain values on one line (shapes, mean, std, class names)."""
+    text = json.dumps(metadata, indent=2)
+    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text) + "\n"
 
 
 def tensor_spec(name, shape, dtype, description) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Union
 
 import torch
-import torchvision
 from torch import Tensor
 
 OPSET = 17  # RoiAlign's half_pixel mode needs 16
@@ -29,6 +28,7 @@ def non_max_suppression(boxes: Tensor, scores: Tensor, max_per_class: int, iou_t
     ``scores[b, c]`` exceed ``score_threshold``, greedily by falling score, dropping each box that
     overlaps a kept one by IoU > ``iou_threshold``, at most ``max_per_class`` of them.
     Returns (K, 3) int64 rows (b, c, box index), ordered by b, c and then score."""
+    torchvision = _torchvision()
     selected = []
     for b in range(boxes.shape[0]):
         for c in range(scores.shape[1]):
@@ -77,7 +77,16 @@ def dynamo_translations() -> dict:
 def roi_align(features: Tensor, rois: Tensor, size: tuple[int, int], spatial_scale: float,
               sampling_ratio: int, aligned: bool) -> Tensor:
     """RoIAlign (average) of (R, 5) rois (batch index, x1, y1, x2, y2) on one feature map."""
-    return torchvision.ops.roi_align(features, rois, size, spatial_scale, sampling_ratio, aligned)
+    return _torchvision().ops.roi_align(features, rois, size, spatial_scale, sampling_ratio, aligned)
+
+
+def _torchvision():
+    try:
+        import torchvision
+    except ImportError as err:
+        raise ImportError("exporting detectors needs torchvision (NMS and RoIAlign kernels): install the "
+                          "torchvision release that matches your torch") from err
+    return torchvision
 
 
 def at_most(limit: int, n: Union[int, Tensor, torch.SymInt]):
