@@ -7,7 +7,9 @@ path (what training and MMDetection run), eager reference path (what is exported
 onnxruntime file written by tools/export.py's exporter; and RetinaNet HieraDet-S
 (configs/retinanet_hieradet_s.py, 800x1344 padded input, test score_thr 0 so that NMS has its
 full 1000 candidates per level) — MMDetection's predict against the exported graph. Weights are
-random (speed does not depend on them). Prints a Markdown table and the CPU it ran on.
+random (speed does not depend on them). The runtimes of a row group take turns in every
+iteration, so a change of load during the run hits them alike. Prints a Markdown table and the
+CPU it ran on.
 """
 
 from __future__ import annotations
@@ -60,16 +62,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def timed(fn, iters: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
+def timed(runs: dict, iters: int) -> dict:
+    """Median wall time in milliseconds of each named callable, after two warm-up calls each. The
+    callables take turns within every iteration, so load that changes over time (other jobs on
+    the machine) hits them alike."""
+    for fn in runs.values():
+        for _ in range(2):
+            fn()
+    times = {name: [] for name in runs}
     for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def backbone_rows(size, args, tmp):
@@ -86,9 +92,9 @@ def backbone_rows(size, args, tmp):
     session = onnx_session(path, args.threads)
     feed = {"input": x.numpy()}
     with torch.no_grad():
-        eager = timed(lambda: model(x), args.iters)
-        reference = timed(lambda: model.forward_reference(x), args.iters)
-    ort = timed(lambda: session.run(None, feed), args.iters)
+        ms = timed({"eager": lambda: model(x), "reference": lambda: model.forward_reference(x),
+                    "ort": lambda: session.run(None, feed)}, args.iters)
+    eager, reference, ort = ms["eager"], ms["reference"], ms["ort"]
     label = f"{size[0]}x{size[1]}"
     return [dict(model="HieraDet-S backbone", input=label, runtime="PyTorch eager (fast path)", ms=eager, vs_eager=1.0),
             dict(model="HieraDet-S backbone", input=label, runtime="PyTorch eager (reference path, exported)",
@@ -119,9 +125,9 @@ def retinanet_rows(size, args, tmp):
     session = onnx_session(path, args.threads)
     feed = {"input": x.numpy(), "img_shape": img_shape.numpy()}
     with torch.no_grad():
-        eager = timed(lambda: model.predict(x, [sample], rescale=False), args.iters)
-        graph_eager = timed(lambda: graph(x, img_shape), args.iters)
-    ort = timed(lambda: session.run(None, feed), args.iters)
+        ms = timed({"eager": lambda: model.predict(x, [sample], rescale=False),
+                    "graph": lambda: graph(x, img_shape), "ort": lambda: session.run(None, feed)}, args.iters)
+    eager, graph_eager, ort = ms["eager"], ms["graph"], ms["ort"]
     label = f"{size[0]}x{size[1]}"
     return [dict(model="RetinaNet HieraDet-S", input=label, runtime="MMDetection predict (eager)", ms=eager,
                  vs_eager=1.0),

@@ -59,9 +59,22 @@ def build_detector(cfg, checkpoint: Optional[str]) -> tuple[torch.nn.Module, dic
         model.load_state_dict(state, strict=True)
         dataset_meta = dict((content.get("meta") or {}).get("dataset_meta") or {})
     else:
-        model.init_weights()
+        _quiet_init_weights(model)
     model.cfg = cfg
     return model.eval(), dataset_meta
+
+
+def _quiet_init_weights(model) -> None:
+    """init_weights without MMEngine's INFO line for every parameter."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel("WARNING")
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
 
 
 def detector_preprocess(cfg, model) -> tuple[dict, list[str]]:
