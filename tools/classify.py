@@ -1,9 +1,11 @@
 """Classify images with a HieraDet checkpoint that has a classification head.
 
     python tools/classify.py IMAGE [IMAGE ...] --checkpoint CKPT [--topk 5] [--json] [--embeddings OUT.npy]
+    python tools/classify.py IMAGE [IMAGE ...] --onnx FILE.onnx [...]
 
 CKPT: a published name (hieradet_d_small_dino-v2-imagenet12k), a birder .pt / .safetensors
-file, or an http(s) URL. Images that cannot be read are reported on stderr, one line each; the
+file, or an http(s) URL. --onnx runs a classifier written by ``tools/export.py --classifier``
+with onnxruntime instead, with the labels, input size and statistics of its FILE.onnx.json. Images that cannot be read are reported on stderr, one line each; the
 others are still classified and the exit status is then 1. With --json, stdout carries only a
 JSON list [{"image": PATH, "topk": [{"index": I, "label": NAME, "prob": P}, ...]}, ...].
 --embeddings writes the (N, 768) embeddings of the classified images, in output order.
@@ -28,8 +30,9 @@ from hieradet_mmdet.weights import CheckpointError  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
-                        help="published weights name, birder .pt/.safetensors file or URL")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="CKPT", help="published weights name, birder .pt/.safetensors file or URL")
+    source.add_argument("--onnx", metavar="FILE", help="a classifier exported by tools/export.py --classifier")
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print only a JSON list of results")
     parser.add_argument("--embeddings", metavar="OUT.npy", help="save the (N, 768) embeddings")
@@ -44,8 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        model = HieraDetClassifier.from_checkpoint(args.checkpoint, args.arch).to(args.device)
-    except CheckpointError as err:
+        if args.onnx:
+            model = OnnxClassifier(args.onnx)
+        else:
+            model = HieraDetClassifier.from_checkpoint(args.checkpoint, args.arch).to(args.device)
+    except (CheckpointError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -69,6 +75,41 @@ def main(argv=None) -> int:
         stacked = torch.cat(embeddings) if embeddings else torch.empty(0, model.embedding_dim)
         np.save(args.embeddings, stacked.numpy().astype(np.float32))
     return 1 if failed else 0
+
+
+class OnnxClassifier:
+    """An exported classifier behind HieraDetClassifier's predict(): onnxruntime, the same
+    preprocessing, labels and top-k from the JSON beside the file."""
+
+    def __init__(self, path: str) -> None:
+        from hieradet_mmdet.export.exporting import onnx_session
+        from hieradet_mmdet.export.runtime import read_metadata
+
+        meta = read_metadata(path)
+        if meta.get("model") != "classifier" or meta.get("format") != "onnx":
+            raise ValueError(f"{path} is a {meta.get('format')} {meta.get('model')}, not an ONNX classifier")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no model file {path}")
+        pre = meta["preprocess"]
+        self.input_size = tuple(pre["input_size"])
+        self.rgb_stats = {"mean": pre["mean"], "std": pre["std"]}
+        self.labels = meta["classes"]
+        self.embedding_dim = meta["outputs"][1]["shape"][1]
+        self.session = onnx_session(path)
+
+    def to(self, device):
+        return self
+
+    def predict(self, images, topk: int = 5):
+        from hieradet_mmdet.models.classifier import preprocess_image
+
+        batch = torch.stack([preprocess_image(image, self.input_size, self.rgb_stats) for image in images])
+        probs, embeddings = self.session.run(None, {"input": batch.numpy()})
+        probs = torch.from_numpy(probs)
+        values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+        results = [[{"index": int(i), "label": self.labels[int(i)], "prob": float(p)} for p, i in zip(pv, iv)]
+                   for pv, iv in zip(values.tolist(), indices.tolist())]
+        return results, torch.from_numpy(embeddings)
 
 
 def print_results(results: list[dict]) -> None:

@@ -263,8 +263,11 @@ class HieraDet(nn.Module):
         """(1, h, w, C): the global embedding resized bicubically plus the 8x8 window embedding
         tiled and cropped, so any h, w works; at multiples of 8 it is birder's and SAM2's."""
         pos = F.interpolate(self.pos_embed, size=(h, w), mode="bicubic")
-        reps = (-(-h // WINDOW_POS_SIZE), -(-w // WINDOW_POS_SIZE))
-        pos = pos + self.pos_embed_window.tile(1, 1, *reps)[:, :, :h, :w]
+        # Tiling as indexing: row i takes tile row i % 8. Exporters keep h and w symbolic here,
+        # where tile(ceil(h / 8)) and a crop would be frozen at the traced size.
+        rows = torch.arange(h, device=pos.device) % WINDOW_POS_SIZE
+        cols = torch.arange(w, device=pos.device) % WINDOW_POS_SIZE
+        pos = pos + self.pos_embed_window[:, :, rows][:, :, :, cols]
         return pos.permute(0, 2, 3, 1)
 
     def check_input(self, x: torch.Tensor) -> None:

@@ -33,11 +33,20 @@ def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[
     """(B, H, W, C) -> (B * windows, window, window, C), zero-padding H, W up to multiples of
     ``window``; also returns the padded size."""
     b, h, w, c = x.shape
-    x = F.pad(x, (0, 0, 0, (-w) % window, 0, (-h) % window))
+    x = pad_bottom_right(x, (window - h % window) % window, (window - w % window) % window)
     hp, wp = x.shape[1], x.shape[2]
     nh, nw = hp // window, wp // window
     x = x.view(b, nh, window, nw, window, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b * nh * nw, window, window, c), (hp, wp)
+    return reshaped_copy(x, (b * nh * nw, window, window, c)), (hp, wp)
+
+
+def pad_bottom_right(x: torch.Tensor, pad_h, pad_w) -> torch.Tensor:
+    """Zero rows below and zero columns right of a (B, H, W, C) map. Concatenated rather than
+    ``F.pad``: the TorchScript exporter turns ``F.pad`` amounts into constants of the traced size,
+    while the sizes of these zero blocks stay computed from the input's shape (0 rows is a no-op)."""
+    b, h, _, c = x.shape
+    x = torch.cat([x, x.new_zeros((b, h, pad_w, c))], dim=2)
+    return torch.cat([x, x.new_zeros((b, pad_h, x.shape[2], c))], dim=1)
 
 
 def window_unpartition(windows: torch.Tensor, window: int, padded: tuple[int, int],
@@ -47,4 +56,11 @@ def window_unpartition(windows: torch.Tensor, window: int, padded: tuple[int, in
     nh, nw, c = hp // window, wp // window, windows.shape[-1]
     b = windows.shape[0] // (nh * nw)
     x = windows.view(b, nh, nw, window, window, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, hp, wp, c)[:, :size[0], :size[1]]
+    return reshaped_copy(x, (b, hp, wp, c))[:, :size[0], :size[1]]
+
+
+def reshaped_copy(x: torch.Tensor, shape) -> torch.Tensor:
+    """``x.reshape(shape)`` for a permuted ``x``, always as a copy. ``reshape`` returns a view
+    instead where the permuted axes have size 1 (one window across the map), a choice that
+    torch.export can only keep as a guard on the input size; the copy is right at every size."""
+    return x.clone(memory_format=torch.contiguous_format).view(shape)

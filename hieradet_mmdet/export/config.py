@@ -1,0 +1,139 @@
+"""MMDetection glue for export: a detector from a config and a checkpoint (read weights-only and
+strictly), and what a deployed model needs to know from the config (preprocessing, classes)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+from ..weights.errors import CheckpointError
+
+# Test-pipeline steps that do not change the pixels the model sees.
+PASSIVE_STEPS = {"LoadImageFromFile", "LoadImageFromNDArray", "LoadAnnotations", "PackDetInputs",
+                 "CheckedLoadImageFromFile"}
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None):
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.setdefault("default_scope", "mmdet")
+    return cfg
+
+
+def build_detector(cfg, checkpoint: Optional[str]) -> tuple[torch.nn.Module, dict]:
+    """The config's detector on the CPU in eval mode, and the checkpoint's ``dataset_meta``.
+
+    With a checkpoint, its state dict must fit the detector exactly (else CheckpointError saying
+    what is missing or unexpected); the backbone's ``init_cfg`` is then not loaded. Without one,
+    the model's ``init_weights`` runs (e.g. the published backbone weights) and the heads keep
+    their random initial values."""
+    from mmengine.registry import init_default_scope
+
+    import hieradet_mmdet  # noqa: F401  (registers the backbone)
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from ..engine.runner import check_checkpoint, checkpoint_mismatch
+    from ..weights.reader import load_file
+
+    register_all_modules(init_default_scope=False)
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    dataset_meta: dict = {}
+    if checkpoint:
+        check_checkpoint(checkpoint)
+        if cfg.model.get("backbone", {}).get("init_cfg") is not None:
+            cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone
+    model = MODELS.build(cfg.model)
+    if checkpoint:
+        mismatch = checkpoint_mismatch(model, checkpoint)
+        if mismatch:
+            raise CheckpointError(f"{checkpoint} does not fit the detector of the config:\n{mismatch}")
+        content, _ = load_file(os.path.expanduser(checkpoint))
+        state = content.get("state_dict", content)
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
+        dataset_meta = dict((content.get("meta") or {}).get("dataset_meta") or {})
+    else:
+        _quiet_init_weights(model)
+    model.cfg = cfg
+    return model.eval(), dataset_meta
+
+
+def _quiet_init_weights(model) -> None:
+    """init_weights without MMEngine's INFO line for every parameter."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel("WARNING")
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
+
+
+def detector_preprocess(cfg, model) -> tuple[dict, list[str]]:
+    """How an image becomes the graph's input (the keys runtime.prepare reads), and the test
+    pipeline steps that the description leaves out (empty when it is complete)."""
+    from mmdet.utils import get_test_pipeline_cfg
+
+    pre = model.data_preprocessor
+    described: dict[str, Any] = {
+        "image_reading": "BGR, as OpenCV decodes the file (mmcv LoadImageFromFile)",
+        "channel_order": "RGB" if getattr(pre, "_channel_conversion", False) else "BGR",
+        "mean": [float(v) for v in pre.mean.flatten()] if pre._enable_normalize else [0.0, 0.0, 0.0],
+        "std": [float(v) for v in pre.std.flatten()] if pre._enable_normalize else [1.0, 1.0, 1.0],
+        "pad_size_divisor": int(pre.pad_size_divisor), "pad_value": float(pre.pad_value),
+    }
+    left_out = []
+    for step in get_test_pipeline_cfg(cfg):
+        kind = str(step.get("type", "")).split(".")[-1]
+        if kind == "Resize" and step.get("scale") is not None and not described.get("resize"):
+            scale = step["scale"]
+            scale = (scale, scale) if isinstance(scale, int) else tuple(int(s) for s in scale)
+            described["resize"] = {"scale": list(scale), "keep_ratio": bool(step.get("keep_ratio", False)),
+                                   "interpolation": step.get("interpolation", "bilinear"),
+                                   "library": step.get("backend", "cv2")}
+        elif kind not in PASSIVE_STEPS:
+            left_out.append(kind)
+    return described, left_out
+
+
+def class_names(cfg, model, dataset_meta: dict) -> list[str]:
+    """The checkpoint's classes, else the config's dataset metainfo, else its dataset's defaults."""
+    from mmdet.registry import DATASETS
+
+    num_classes = _num_classes(model)
+    candidates = [dataset_meta.get("classes")]
+    dataset = cfg.get("test_dataloader", {}).get("dataset", {})
+    while "dataset" in dataset:
+        dataset = dataset["dataset"]
+    candidates.append((dataset.get("metainfo") or {}).get("classes"))
+    kind = DATASETS.get(dataset.get("type", "")) if dataset.get("type") else None
+    candidates.append(getattr(kind, "METAINFO", {}).get("classes") if kind is not None else None)
+    for names in candidates:
+        if names is not None and (num_classes is None or len(names) == num_classes):
+            return [str(n) for n in names]
+    return [str(i) for i in range(num_classes or 0)]
+
+
+def _num_classes(model) -> Optional[int]:
+    head = getattr(model, "bbox_head", None) or getattr(getattr(model, "roi_head", None), "bbox_head", None)
+    if isinstance(head, torch.nn.ModuleList):
+        head = head[-1]
+    return getattr(head, "num_classes", None)
+
+
+def test_settings(model) -> dict:
+    """The test_cfg thresholds the graph baked in, for the JSON."""
+    if hasattr(model, "roi_head"):
+        cfg = model.roi_head.test_cfg
+        return {"score_thr": float(cfg.get("score_thr", 0.0)), "max_per_img": int(cfg.get("max_per_img", 100)),
+                "mask_thr_binary": float(cfg.get("mask_thr_binary", 0.5))}
+    cfg = model.bbox_head.test_cfg
+    return {"score_thr": float(cfg.get("score_thr", 0.0)), "max_per_img": int(cfg.get("max_per_img", 100))}

@@ -1,0 +1,93 @@
+"""Writing a module as ONNX or as a ``torch.export`` program with dynamic shapes, and running the
+written file: the pieces ``tools/export.py`` puts together (plain PyTorch, no MMDetection)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ops import OPSET, dynamo_translations
+
+EXPORTERS = ("torchscript", "dynamo")
+DynamicAxes = Mapping[str, Mapping[int, str]]  # input or output name -> {axis: symbolic name}
+
+
+def export_onnx(module: nn.Module, example: Sequence[torch.Tensor], path: Path, input_names: Sequence[str],
+                output_names: Sequence[str], dynamic_axes: DynamicAxes, exporter: str = "torchscript") -> None:
+    """Write ``module`` (in eval mode, run on ``example``) as one ONNX file at ``path``.
+
+    'torchscript' is torch's tracing exporter (``dynamo=False``): seconds for HieraDet-S. 'dynamo'
+    goes through ``torch.export`` with every dynamic axis ``Dim.AUTO`` (minutes on 2 cores)."""
+    module.eval()
+    path = Path(path)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python ints, the exporter's deprecation
+        if exporter == "torchscript":
+            torch.onnx.export(module, tuple(example), str(path), dynamo=False, opset_version=OPSET,
+                              input_names=list(input_names), output_names=list(output_names),
+                              dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()})
+        elif exporter == "dynamo":
+            with _size_oblivious(), contextlib.redirect_stdout(io.StringIO()):
+                program = torch.onnx.export(module, tuple(example), dynamo=True, input_names=list(input_names),
+                                            output_names=list(output_names),
+                                            dynamic_shapes=_dims(example, input_names, dynamic_axes),
+                                            custom_translation_table=dynamo_translations(), optimize=False)
+            program.save(str(path), external_data=False)
+        else:
+            raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+
+
+def export_program(module: nn.Module, example: Sequence[torch.Tensor], path: Path, input_names: Sequence[str],
+                   dynamic_axes: DynamicAxes) -> torch.export.ExportedProgram:
+    """Write ``module`` as a ``torch.export`` program (.pt2) whose dynamic axes stay symbolic."""
+    module.eval()
+    with torch.no_grad(), _size_oblivious():
+        program = torch.export.export(module, tuple(example), dynamic_shapes=_dims(example, input_names, dynamic_axes))
+    torch.export.save(program, str(path))
+    return program
+
+
+@contextlib.contextmanager
+def _size_oblivious():
+    """Sizes are not specialised on being 0 or 1: a batch of 1 or a map one window wide at export
+    time must not freeze a branch that other sizes would not take."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
+
+
+def _dims(example, input_names, dynamic_axes):
+    from torch.export import Dim
+
+    return tuple({axis: Dim.AUTO for axis in dynamic_axes.get(name, {})} or None
+                 for name, _ in zip(input_names, example))
+
+
+def onnx_session(path: Path, threads: int = 0):
+    """An onnxruntime CPU session (``threads`` 0: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    return session.run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+
+
+def relative_error(ours, reference) -> float:
+    """max |ours - reference| / max |reference|, in float64."""
+    ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if reference.size == 0:
+        return 0.0 if ours.size == 0 else float("inf")
+    return float(np.abs(ours - reference).max() / max(np.abs(reference).max(), 1e-300))
