@@ -27,7 +27,8 @@ def parse_args(argv=None):
     parser.add_argument("config", help="config file")
     parser.add_argument("--work-dir", help="where logs and checkpoints go (default: ./work_dirs/CONFIG_NAME)")
     parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: fp16 AmpOptimWrapper on a GPU, bf16 autocast over backbone and neck on CPU")
+                        help="mixed precision: fp16 AmpOptimWrapper (dynamic loss scale) on a GPU, bf16 autocast over "
+                             "backbone and neck on CPU")
     parser.add_argument("--auto-scale-lr", action="store_true",
                         help="scale the lr by (GPUs x batch size) / auto_scale_lr.base_batch_size")
     parser.add_argument("--resume", nargs="?", type=str, const="auto",
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     import torch
     from mmengine.config import Config
 
+    from hieradet_mmdet.engine.amp import use_mixed_precision
     from hieradet_mmdet.engine.checkpointing import find_resumable_checkpoint
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
     from hieradet_mmdet.engine.finite_loss import NonFiniteLossError
@@ -71,17 +73,7 @@ def main(argv=None) -> int:
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
 
     if args.amp:
-        current = cfg.optim_wrapper.get("type", "OptimWrapper")
-        if current in ("AmpOptimWrapper", "AutocastOptimWrapper"):
-            print(f"mixed precision is already enabled in the config ({current})")
-        elif torch.cuda.is_available():
-            cfg.optim_wrapper.type = "AmpOptimWrapper"
-            cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
-        else:
-            # MMEngine's AmpOptimWrapper asserts an accelerator; ours autocasts backbone + neck to bf16.
-            print("--amp on CPU: bfloat16 autocast over backbone and neck (AutocastOptimWrapper)")
-            cfg.optim_wrapper.type = "AutocastOptimWrapper"
-            cfg.optim_wrapper.pop("loss_scale", None)
+        print(use_mixed_precision(cfg.optim_wrapper, torch.cuda.is_available()))
 
     if args.auto_scale_lr:
         if "auto_scale_lr" not in cfg or "base_batch_size" not in cfg.auto_scale_lr:

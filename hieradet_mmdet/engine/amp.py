@@ -1,4 +1,5 @@
-"""Mixed precision without a GPU: bfloat16 autocast over the detector's feature extractor."""
+"""Mixed precision: what ``tools/train.py --amp`` picks (:func:`use_mixed_precision`), and
+bfloat16 autocast over the detector's feature extractor for machines without a GPU."""
 
 from __future__ import annotations
 
@@ -10,6 +11,29 @@ from torch import nn
 
 from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
+
+
+MIXED_PRECISION_WRAPPERS = ("AmpOptimWrapper", "AutocastOptimWrapper")
+
+
+def use_mixed_precision(optim_wrapper: dict, cuda_available: bool) -> str:
+    """Switch an ``optim_wrapper`` config to mixed precision (in place) and say how.
+
+    On a GPU: MMEngine's ``AmpOptimWrapper``, float16 autocast over the whole model with dynamic
+    loss scaling. float16, not bfloat16, because mmcv 2.1's CUDA RoIAlign has float16 and float32
+    kernels only (the RoI heads would get bfloat16 maps). Without one: :class:`AutocastOptimWrapper`
+    (AmpOptimWrapper asserts an accelerator). A config that already asks for either is kept."""
+    current = optim_wrapper.get("type", "OptimWrapper")
+    if current in MIXED_PRECISION_WRAPPERS:
+        return f"mixed precision is already enabled in the config ({current})"
+    if cuda_available:
+        optim_wrapper["type"] = "AmpOptimWrapper"
+        optim_wrapper.setdefault("dtype", "float16")
+        optim_wrapper.setdefault("loss_scale", "dynamic")
+        return "--amp on GPU: float16 autocast with dynamic loss scaling (AmpOptimWrapper)"
+    optim_wrapper["type"] = "AutocastOptimWrapper"
+    optim_wrapper.pop("loss_scale", None)
+    return "--amp on CPU: bfloat16 autocast over backbone and neck (AutocastOptimWrapper)"
 
 
 @OPTIM_WRAPPERS.register_module()
