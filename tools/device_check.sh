@@ -6,7 +6,9 @@
 #   tools/device_check.sh --dry-run        the same code on the CPU at tiny sizes (the test suite runs it)
 #
 # Options: --out DIR (default $OUT, else work_dirs/device_check), --budget SECONDS (default 450:
-# the whole run, installs included, ends within it), --no-mmcv-build.
+# the whole run, installs included, ends within it), --no-mmcv-build, --only PART[,PART...] (of
+# peaks, checks, flops, timings, new_size, detector; e.g. `--only detector` right after a run whose
+# mmcv build did not finish in time: on the same machine the build resumes where it stopped).
 # Environment: PYTHON (default python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST (default: the GPU's),
 # DEVICE_CHECK_WHEELS (default .whl/), DEVICE_CHECK_SITE (where they are installed, default
 # /tmp/hieradet-device-site), DEVICE_CHECK_MMCV_BUILD (default /tmp/hieradet-mmcv-build: a second
@@ -27,6 +29,7 @@ MODE=run
 OUT_DIR="${OUT:-$ROOT/work_dirs/device_check}"
 BUDGET=450
 MMCV_BUILD=1
+ONLY=""
 say() { printf '[device-check] %s\n' "$*"; }
 
 while [ $# -gt 0 ]; do
@@ -36,6 +39,7 @@ while [ $# -gt 0 ]; do
         --out) OUT_DIR="$2"; shift ;;
         --budget) BUDGET="$2"; shift ;;
         --no-mmcv-build) MMCV_BUILD=0 ;;
+        --only) ONLY="$2"; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -134,6 +138,7 @@ DEADLINE=$(( START + BUDGET ))
 say "$ELAPSED s spent on setup; checks and measurements until $(date -d "@$DEADLINE" +%H:%M:%S 2>/dev/null || echo "+$((BUDGET - ELAPSED)) s")"
 PY_ARGS=(--out "$OUT_DIR" --deadline "$DEADLINE" "${BUILD_ARGS[@]}")
 [ "$MODE" = dry-run ] && PY_ARGS+=(--dry-run)
+[ -n "$ONLY" ] && PY_ARGS+=(--parts "$ONLY")
 PYTHONUNBUFFERED=1 "$PY" tools/device_check.py "${PY_ARGS[@]}"
 rc=$?
 stop_build

@@ -84,6 +84,9 @@ def test_goals_are_read_off_the_measured_rows(dry_run):
     ratio = rows["forward", "birder"]["median_ms"] / rows["forward", "ours"]["median_ms"]
     assert f"- small fp32 forward: birder / ours = {ratio:.3f}" in md
     assert "backbone achieved up to" in md
+    for row in report["parts"]["timings"]["result"]["rows"]:  # as a GPU reports memory
+        row["peak_above_start_gib"] = {"ours": 8.0, "ours with_cp": 2.0}.get(row["model"], 7.0)
+    assert "- small fp32 with_cp peak memory: 0.25x of without (<= 0.5)" in dc.markdown(report)
 
 
 # The dry run above passes these checks with these models and this input (make_pair's seed, the
@@ -174,6 +177,16 @@ def test_run_installs_the_carried_wheels_then_needs_a_gpu(tmp_path):
     assert "installing 1 carried wheels" in proc.stdout and (site / "carried_probe.py").read_text() == "VALUE = 42\n"
     assert "no mmcv sdist" in proc.stdout
     assert "no CUDA device here" in proc.stderr + proc.stdout
+
+
+def test_only_runs_the_parts_asked_for(tmp_path):
+    proc = run_tool("bash", ROOT / "tools" / "device_check.sh", "--dry-run", "--only", "new_size", "--out", tmp_path,
+                    env={"PYTHON": dc.sys.executable})
+    assert proc.returncode == 0, fail_text(proc)
+    assert list(json.loads((tmp_path / "device_check.json").read_text())["parts"]) == ["machine", "new_size"]
+    proc = run_tool("bash", ROOT / "tools" / "device_check.sh", "--dry-run", "--only", "check", "--out", tmp_path,
+                    env={"PYTHON": dc.sys.executable})
+    assert proc.returncode == 2 and "unknown parts ['check']" in proc.stderr + proc.stdout
 
 
 def test_shell_script_parses_and_documents_itself():
