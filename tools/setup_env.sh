@@ -59,7 +59,8 @@ fi
 # --- mmcv: built from source with ops, cached by everything its binary depends on ---
 # CPU ops, or CUDA ops for the visible GPUs when torch sees one and nvcc is there (tools/mmcv_build.py).
 MMCV_CPATH="" MMCV_HIDE_GPU=""
-eval "$("$PY" "$ROOT/tools/mmcv_build.py")"
+MMCV_PLAN="$("$PY" "$ROOT/tools/mmcv_build.py")"
+eval "$MMCV_PLAN"
 if [ "$MMCV_OPS" = error ]; then
     say "cannot build mmcv's CUDA ops: $MMCV_NOTE"
     exit 1
