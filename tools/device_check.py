@@ -856,7 +856,7 @@ def markdown(data: dict) -> str:
         if busy:
             lines += ["The mmcv build was compiling on the CPU (niced) during these steps.", ""]
         lines += [
-                  "| arch | dtype | step | model | ms | vs ours | round spread | TFLOP/s | % of matmul peak | "
+                  "| arch | dtype | step | model | ms | ms / ours | round spread | TFLOP/s | % of matmul peak | "
                   "peak GiB above weights |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in timings:
             pct = 100 * r["tflops"] / peak[r["dtype"]] if r.get("tflops") and peak.get(r["dtype"]) else None
