@@ -57,18 +57,34 @@ if ! have "mmengine==$MMENGINE_VERSION"; then
 fi
 
 # --- mmcv: built from source with ops, cached by everything its binary depends on ---
-CUDA_TAG="$("$PY" -c 'import torch; print("cu" + torch.version.cuda.replace(".", "") if torch.cuda.is_available() and torch.version.cuda else "cpu")')"
+# CPU ops, or CUDA ops for the visible GPUs when torch sees one and nvcc is there (tools/mmcv_build.py).
+MMCV_CPATH="" MMCV_HIDE_GPU=""
+MMCV_PLAN="$("$PY" "$ROOT/tools/mmcv_build.py")"
+eval "$MMCV_PLAN"
+if [ "$MMCV_OPS" = error ]; then
+    say "cannot build mmcv's CUDA ops: $MMCV_NOTE"
+    exit 1
+fi
+[ "$MMCV_OPS" = cpu ] && [ -z "$MMCV_HIDE_GPU" ] || say "mmcv: $MMCV_NOTE"
+CUDA_TAG="$MMCV_TAG"
 PY_TAG="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 WHEEL_DIR="$CACHE/wheels/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$PY_TAG-$CUDA_TAG"
 
-mmcv_ops_work() { "$PY" -c 'import mmcv, mmcv.ops; assert mmcv.__version__ == "'"$MMCV_VERSION"'"' >/dev/null 2>&1; }
+# With CUDA ops wanted, an installed mmcv whose ops were compiled without CUDA does not count.
+mmcv_ops_work() { "$PY" -c 'import mmcv, mmcv.ops; assert mmcv.__version__ == "'"$MMCV_VERSION"'"
+import sys
+if sys.argv[1] == "cuda": assert mmcv.ops.get_compiling_cuda_version() != "not available"' "$MMCV_OPS" >/dev/null 2>&1; }
 
 if ! mmcv_ops_work; then
     if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
         mkdir -p "$CACHE/logs" "$CACHE/build"
         LOG="$CACHE/logs/mmcv-$MMCV_VERSION-$PY_TAG-$CUDA_TAG-$(date +%Y%m%d-%H%M%S).log"
         SRC="$CACHE/build/mmcv-$MMCV_VERSION"
-        say "building mmcv $MMCV_VERSION with ops ($CUDA_TAG) from source: about 11 min on 2 cores, once per machine"
+        if [ "$MMCV_OPS" = cuda ]; then
+            say "building mmcv $MMCV_VERSION with CUDA ops ($CUDA_TAG) from source: about $MMCV_BUILD_MINUTES min with ${MAX_JOBS:-$(nproc)} parallel jobs, once per machine"
+        else
+            say "building mmcv $MMCV_VERSION with ops ($CUDA_TAG) from source: about 11 min on 2 cores, once per machine"
+        fi
         say "build log: $LOG"
         rm -rf "$SRC" "$CACHE/build/sdist"
         "${PIP[@]}" download --no-deps --no-binary :all: "mmcv==$MMCV_VERSION" -d "$CACHE/build/sdist"
@@ -79,6 +95,12 @@ if ! mmcv_ops_work; then
         (
             cd "$SRC"
             export MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" PATH="$VENV/bin:$PATH"
+            if [ "$MMCV_OPS" = cuda ]; then  # for the GPUs present unless TORCH_CUDA_ARCH_LIST was set
+                export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST CUDA_HOME="$MMCV_CUDA_HOME"
+                [ -z "$MMCV_CPATH" ] || export CPATH="$MMCV_CPATH${CPATH:+:$CPATH}"
+            elif [ -n "$MMCV_HIDE_GPU" ]; then
+                export CUDA_VISIBLE_DEVICES=""
+            fi
             "$PY" -m pip wheel --no-build-isolation --no-deps -v . -w "$WHEEL_DIR.tmp"
         ) > "$LOG" 2>&1 &
         build_pid=$!

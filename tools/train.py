@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     import torch
     from mmengine.config import Config
 
+    from hieradet_mmdet.engine.amp import use_mixed_precision
     from hieradet_mmdet.engine.checkpointing import find_resumable_checkpoint
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
     from hieradet_mmdet.engine.finite_loss import NonFiniteLossError
@@ -72,20 +73,7 @@ def main(argv=None) -> int:
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
 
     if args.amp:
-        current = cfg.optim_wrapper.get("type", "OptimWrapper")
-        if current in ("AmpOptimWrapper", "AutocastOptimWrapper"):
-            print(f"mixed precision is already enabled in the config ({current})")
-        elif torch.cuda.is_available():
-            cfg.optim_wrapper.type = "AmpOptimWrapper"  # fp16 with dynamic loss scaling
-            cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
-        else:  # MMEngine's AmpOptimWrapper asserts an accelerator
-            from hieradet_mmdet.engine.amp import cpu_mixed_precision
-
-            dtype, reason = cpu_mixed_precision()
-            print(f"--amp on CPU: {reason}")
-            if dtype is not None:
-                cfg.optim_wrapper.type = "AutocastOptimWrapper"
-                cfg.optim_wrapper.pop("loss_scale", None)
+        print(use_mixed_precision(cfg.optim_wrapper, torch.cuda.is_available()))
 
     if args.auto_scale_lr:
         if "auto_scale_lr" not in cfg or "base_batch_size" not in cfg.auto_scale_lr:

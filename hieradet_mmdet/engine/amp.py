@@ -10,6 +10,8 @@ their convolutions and matrix products in bf16, and the ops that need float32 ge
 RoIAlign / RoIPool kernels take float32 only: their inputs are cast up there. The heads' output
 layers (class scores, box deltas, centerness, mask logits) run in float32, so decoding, score
 thresholds and NMS see float32 numbers, as without autocast.
+
+:func:`use_mixed_precision` is where ``tools/train.py --amp`` decides, on a GPU and on a CPU.
 """
 
 from __future__ import annotations
@@ -61,6 +63,32 @@ def cpu_mixed_precision() -> tuple[Optional[torch.dtype], str]:
                                 "output layers")
     return None, (f"bf16 matrix products run {speedup:.2f}x as fast as float32 on this CPU (measured; no AMX or "
                   "full-rate AVX-512 BF16): staying in float32")
+
+
+MIXED_PRECISION_WRAPPERS = ("AmpOptimWrapper", "AutocastOptimWrapper")
+
+
+def use_mixed_precision(optim_wrapper: dict, cuda_available: bool) -> str:
+    """Switch an ``optim_wrapper`` config to mixed precision (in place) where it pays, and say how.
+
+    On a GPU: MMEngine's ``AmpOptimWrapper``, float16 autocast over the whole model with dynamic
+    loss scaling. float16, not bfloat16, because mmcv 2.1's CUDA RoIAlign has float16 and float32
+    kernels only. On a CPU with fast bf16 (:func:`cpu_mixed_precision`): :class:`AutocastOptimWrapper`
+    (``AmpOptimWrapper`` asserts an accelerator); elsewhere the config stays float32. A config that
+    already asks for either wrapper is kept."""
+    current = optim_wrapper.get("type", "OptimWrapper")
+    if current in MIXED_PRECISION_WRAPPERS:
+        return f"mixed precision is already enabled in the config ({current})"
+    if cuda_available:
+        optim_wrapper["type"] = "AmpOptimWrapper"
+        optim_wrapper.setdefault("dtype", "float16")
+        optim_wrapper.setdefault("loss_scale", "dynamic")
+        return "--amp on GPU: float16 autocast with dynamic loss scaling (AmpOptimWrapper)"
+    dtype, reason = cpu_mixed_precision()
+    if dtype is not None:
+        optim_wrapper["type"] = "AutocastOptimWrapper"
+        optim_wrapper.pop("loss_scale", None)
+    return f"--amp on CPU: {reason}"
 
 
 @contextmanager

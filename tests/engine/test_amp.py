@@ -3,6 +3,8 @@ and the heads' output layers; and the measured choice between bf16 and float32."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -81,3 +83,39 @@ def test_the_choice_between_bf16_and_float32_follows_the_measured_speed(monkeypa
 
 def test_the_speed_measurement_gives_a_ratio():
     assert 0.05 < amp.bf16_speedup("cpu", size=256) < 100
+
+
+def test_amp_on_a_gpu_machine_is_mmengines_fp16_amp_with_dynamic_loss_scaling(monkeypatch):
+    """What `tools/train.py --amp` picks when torch sees a GPU (checked here by telling it so):
+    MMEngine's AmpOptimWrapper in float16 (mmcv's CUDA RoIAlign has no bf16 kernel) with a
+    dynamic loss scale, our layer-decay groups intact."""
+    from mmengine.optim import AmpOptimWrapper, build_optim_wrapper
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config("maskrcnn_hieradet_s.py")
+    wrapper_cfg = copy.deepcopy(cfg.optim_wrapper)
+    message = amp.use_mixed_precision(wrapper_cfg, torch.cuda.is_available())
+    assert message.startswith("--amp on GPU") and wrapper_cfg.type == "AmpOptimWrapper"
+    model = build_detector(cfg)
+    wrapper = build_optim_wrapper(model, wrapper_cfg)
+    assert isinstance(wrapper, AmpOptimWrapper) and wrapper.cast_dtype == torch.float16
+    scaler = wrapper.loss_scaler
+    assert scaler.is_enabled() and wrapper._scale_update_param is None  # dynamic: grows and backs off
+    assert scaler.get_growth_factor() == 2.0 and scaler.get_backoff_factor() == 0.5
+    decayed = {g["lr"] for g in wrapper.optimizer.param_groups}
+    assert len(decayed) > 10  # the layer-wise lr decay groups came through
+
+    again = copy.deepcopy(wrapper_cfg)
+    assert "already enabled" in amp.use_mixed_precision(again, True) and again == wrapper_cfg
+
+
+def test_amp_on_a_cpu_follows_the_measured_bf16_speed(monkeypatch):
+    cfg = load_config("maskrcnn_hieradet_s.py")
+    monkeypatch.setattr(amp, "bf16_speedup", lambda device="cpu": 3.2)
+    fast = copy.deepcopy(cfg.optim_wrapper)
+    assert amp.use_mixed_precision(fast, cuda_available=False).startswith("--amp on CPU: bf16")
+    assert fast.type == "AutocastOptimWrapper" and "loss_scale" not in fast
+    monkeypatch.setattr(amp, "bf16_speedup", lambda device="cpu": 0.7)
+    slow = copy.deepcopy(cfg.optim_wrapper)
+    assert "staying in float32" in amp.use_mixed_precision(slow, cuda_available=False)
+    assert slow == cfg.optim_wrapper
