@@ -15,7 +15,7 @@ $(STAMP): tools/setup_env.sh pyproject.toml
 	$(MAKE) setup
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

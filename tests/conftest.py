@@ -76,3 +76,6 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if _skipped(config):
         terminalreporter.write_line(f"FAILED: {_skipped(config)} test(s) skipped; every test must run here.", red=True)
+    seed = config.getoption("randomly_seed", default=None)
+    if seed is not None and config.getoption("randomly_reorganize", default=True):
+        terminalreporter.write_line(f"test order: random, repeat it with --randomly-seed={seed}")

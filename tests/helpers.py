@@ -276,10 +276,14 @@ NARROW_MODEL = {
 
 
 def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base: str = "maskrcnn_hieradet_s.py",
-                         num_train: int = 4, num_val: int = 2, narrow: bool = False,
+                         num_train: Optional[int] = None, num_val: int = 2, narrow: bool = False,
                          options: Optional[dict] = None) -> tuple[Path, Path]:
     """A small synthetic COCO dataset and a standalone config of ``base`` on it (random backbone,
-    an ``iters``-iteration schedule, few proposals; ``narrow``: NARROW_MODEL): (config path, data root)."""
+    an ``iters``-iteration schedule, few proposals; ``narrow``: NARROW_MODEL): (config path, data root).
+    By default one epoch covers every iteration: MMEngine's iteration loop sleeps 2 s whenever it
+    restarts the data loader."""
+    if num_train is None:
+        num_train = max(4, 2 * iters)
     import synthetic_coco
     from demo import small_run_overrides
 

@@ -126,11 +126,11 @@ if ! have "mmdet==$MMDET_VERSION"; then
     say "installing mmdet $MMDET_VERSION"
     "${PIP[@]}" install -c "$CONSTRAINTS" "mmdet==$MMDET_VERSION"
 fi
-# This package, editable, with its test extras: pytest (+ pytest-randomly), pycocotools, birder
+# This package, editable, with its test extras: pytest (+ pytest-randomly, pytest-xdist), pycocotools, birder
 # (the reference the tests compare against), safetensors, onnx + onnxruntime (export tests).
 # birder asks for a newer setuptools; the constraints keep the one mmcv and mmengine need.
 if ! have "birder==$BIRDER_VERSION" \
-        || ! "$PY" -c 'import hieradet_mmdet, pytest_randomly, onnx, onnxscript, onnxruntime, pycocotools, safetensors' 2>/dev/null \
+        || ! "$PY" -c 'import hieradet_mmdet, pytest_randomly, xdist, onnx, onnxscript, onnxruntime, pycocotools, safetensors' 2>/dev/null \
         || [ "$("$PY" -c 'import hieradet_mmdet, os; print(os.path.dirname(os.path.dirname(hieradet_mmdet.__file__)))' 2>/dev/null)" != "$ROOT" ]; then
     say "installing hieradet-mmdet (editable) with its test dependencies"
     "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT[test]"

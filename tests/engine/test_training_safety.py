@@ -28,7 +28,10 @@ SAVE_EVERY_ITER = {"default_hooks.checkpoint.interval": 1, "default_hooks.checkp
 
 
 def config(directory: Path, **options) -> Path:
-    path, _ = tiny_detector_config(directory, iters=ITERS, size=96, narrow=True, options={**SAVE_EVERY_ITER, **options})
+    """6 images, batch 2: the loader restarts after iteration 3, so resuming from there needs the
+    sampler's state too."""
+    path, _ = tiny_detector_config(directory, iters=ITERS, size=96, narrow=True, num_train=6,
+                                   options={**SAVE_EVERY_ITER, **options})
     return path
 
 
