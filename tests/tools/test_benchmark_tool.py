@@ -113,3 +113,32 @@ def test_detector_cases_split_the_time_at_the_backbone():
         assert 0 < row["backbone_median_ms"] < row["median_ms"]
         assert row["outside_median_ms"] == pytest.approx(row["median_ms"] - row["backbone_median_ms"])
         assert row["gflop_per_s"] > 0 and 0 < row["of_linear_peak"]
+
+
+def test_detection_agreement_compares_two_predictions(monkeypatch):
+    """MMDetection's predict writes into the data samples it is given and returns them; the
+    reduced-precision results must be kept before the float32 call, or fp32 is compared with itself."""
+    import sys
+
+    import torch
+    from mmengine.structures import InstanceData
+    from mmdet.structures import DetDataSample
+
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    monkeypatch.delitem(sys.modules, "benchmarks.cases", raising=False)
+    from benchmarks.cases import detection_agreement
+
+    samples = [DetDataSample()]
+
+    def predict(shift):
+        def run(inputs, given, mode):
+            for s in given:  # as MMDetection does
+                s.pred_instances = InstanceData(bboxes=torch.tensor([[10.0 + shift, 10.0, 30.0, 30.0]]),
+                                                scores=torch.tensor([0.9]), labels=torch.tensor([1]))
+            return given
+        return run
+
+    prep = dict(inputs=None, samples=samples, model=predict(0.0), step=lambda: predict(2.0)(None, samples, "predict"))
+    result = detection_agreement({}, prep)
+    assert result["fp32_detections"] == result["matched"] == 1
+    assert result["min_box_iou"] == pytest.approx(18 * 20 / (20 * 20))  # the 2 px shift is seen

@@ -492,12 +492,13 @@ def detection_agreement(case, prep, score_thr: float = 0.3) -> dict[str, Any]:
     from mmdet.structures.bbox import bbox_overlaps
 
     with torch.no_grad():
-        low = prep["step"]()
-        ref = prep["model"](prep["inputs"], prep["samples"], mode="predict")
+        # MMDetection writes predictions into the data samples it is given and returns those: keep
+        # a copy of the first results before the second call overwrites them.
+        low = [s.pred_instances.clone() for s in prep["step"]()]
+        ref = [s.pred_instances for s in prep["model"](prep["inputs"], prep["samples"], mode="predict")]
     matched = total = 0
     box_ious, mask_ious = [], []
-    for r, o in zip(ref, low):
-        a, b = r.pred_instances, o.pred_instances
+    for a, b in zip(ref, low):
         a, b = a[a.scores >= score_thr], b[b.scores >= score_thr * 0.8]
         total += len(a)
         if not len(a) or not len(b):
