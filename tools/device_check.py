@@ -864,7 +864,7 @@ def markdown(data: dict) -> str:
                          f"{r['vs_ours']:.3f} | {_pct(r['spread'])} | {_fmt(r['tflops']) if r['tflops'] else '-'} | "
                          f"{f'{pct:.1f}' if pct is not None else '-'} | "
                          f"{_fmt(r['peak_above_start_gib']) if r.get('peak_above_start_gib') is not None else '-'} |")
-    lines += _goal_lines(data, timings)
+    lines += _summary_lines(data, timings)
     new = _result(data, "new_size")
     if new:
         lines += ["", "## A new input size", "",
@@ -904,10 +904,10 @@ def _pct(v) -> str:
     return f"{100 * v:.1f}%" if v is not None else "-"
 
 
-def _goal_lines(data, timings) -> list[str]:
+def _summary_lines(data, timings) -> list[str]:
     if data["mode"] != "gpu" or not timings:
         return []
-    lines = ["", "## Goals", ""]
+    lines = ["", "## Against birder, memory, throughput", ""]
     by = {(r["arch"], r["dtype"], r["mode"], r["model"]): r for r in timings}
     for (arch, dtype, mode, model), r in sorted(by.items()):
         if model != "birder" or (arch, dtype, mode, "ours") not in by:

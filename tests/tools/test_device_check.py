@@ -69,13 +69,14 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(dry_run):
     md = (out / "device_check.md").read_text()
     assert "## Checks" in md and "| check | arch | value | bound | ok |" in md and "**NO**" not in md
     assert "## Backbone steps" in md and "## Mask R-CNN train step" in md
-    assert "times are not measurements" in md and "## Goals" not in md  # no claims from a dry run
+    assert "times are not measurements" in md and "## Against birder" not in md  # no claims from a dry run
     assert md.strip() in proc.stdout  # the table is printed too
     assert "[device-check] checks: ok" in (out / "device_check.log").read_text()
 
 
-def test_goals_are_read_off_the_measured_rows(dry_run):
-    """On a GPU the report states the goals; computed from the rows, here from the dry run's."""
+def test_the_summary_is_read_off_the_measured_rows(dry_run):
+    """On a GPU the report sums up ours against birder, with_cp memory and throughput; computed
+    from the rows, here from the dry run's."""
     _, out = dry_run
     report = json.loads((out / "device_check.json").read_text())
     report["mode"] = "gpu"
