@@ -6,7 +6,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any, Optional
 
@@ -145,7 +144,7 @@ def _fmt_load(r: dict[str, Any]) -> str:
     return f"{lo:.1f}" if hi - lo < 0.05 else f"{lo:.1f}-{hi:.1f}"
 
 
-def print_table(results: list[dict[str, Any]], file=sys.stdout, markdown: bool = False) -> None:
+def print_table(results: list[dict[str, Any]], file=None, markdown: bool = False) -> None:
     header = ["model", "mode", "dtype", "input", "cp", "median ms", "p90 ms", "img/s", "backbone ms", "outside ms",
               "peak MB", "delta MB", "GFLOPs", "GFLOP/s", "of linear", "load", "accuracy (max rel / norm rel)"]
     rows = []
