@@ -101,15 +101,11 @@ class OnnxClassifier:
         return self
 
     def predict(self, images, topk: int = 5):
-        from hieradet_mmdet.models.classifier import preprocess_image
+        from hieradet_mmdet.models.classifier import preprocess_image, top_classes
 
         batch = torch.stack([preprocess_image(image, self.input_size, self.rgb_stats) for image in images])
         probs, embeddings = self.session.run(None, {"input": batch.numpy()})
-        probs = torch.from_numpy(probs)
-        values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
-        results = [[{"index": int(i), "label": self.labels[int(i)], "prob": float(p)} for p, i in zip(pv, iv)]
-                   for pv, iv in zip(values.tolist(), indices.tolist())]
-        return results, torch.from_numpy(embeddings)
+        return top_classes(torch.from_numpy(probs), self.labels, topk), torch.from_numpy(embeddings)
 
 
 def print_results(results: list[dict]) -> None:

@@ -93,10 +93,14 @@ class HieraDetClassifier(nn.Module):
         batch = torch.stack([self.preprocess(image) for image in images]).to(device)
         embeddings = self.embedding(batch)
         probs = self.classify(embeddings).softmax(dim=1)
-        values, indices = probs.topk(min(topk, self.num_classes), dim=1)
-        results = [[{"index": int(i), "label": self.labels[int(i)], "prob": float(p)} for p, i in zip(pv, iv)]
-                   for pv, iv in zip(values.tolist(), indices.tolist())]
-        return results, embeddings
+        return top_classes(probs, self.labels, topk), embeddings
+
+
+def top_classes(probs: torch.Tensor, labels: Sequence[str], topk: int = 5) -> list[list[dict]]:
+    """Per row of ``probs`` (N, classes): the ``topk`` classes as {index, label, prob}, best first."""
+    values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+    return [[{"index": int(i), "label": labels[int(i)], "prob": float(p)} for p, i in zip(pv, iv)]
+            for pv, iv in zip(values.tolist(), indices.tolist())]
 
 
 def _labels(class_to_idx: Optional[Mapping[str, int]], num_classes: int) -> list[str]:
