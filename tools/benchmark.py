@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cases import DTYPES, MODELS, MODES, REPO, loadavg, run_case, run_paired  # noqa: E402
 from benchmarks.memory import EXACT_MALLOC_ENV  # noqa: E402
-from benchmarks.report import (comparisons, gemm_gflops, machine_info, merge_rounds, print_table,  # noqa: E402
-                               summarize_times)
+from benchmarks.report import (amp_choice, comparisons, gemm_gflops, machine_info, merge_rounds,  # noqa: E402
+                               print_table, summarize_times)
 
 RESULT_TAG = "BENCHMARK_RESULT "
 
@@ -208,6 +208,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     load_after = loadavg()
     machine = machine_info(args.device)
     gemm = machine["gemm_gflops"] = gemm_gflops(args.device, args.threads)
+    if args.device == "cpu":
+        machine["amp"] = amp_choice()
     results = [merge_rounds(r) for r in per_case]
     for r in results:
         summarize_times(r, gemm)
@@ -219,6 +221,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print_table(results, markdown=args.markdown)
     print(f"\nload average before/after: {load_before} / {report['load_after']}; threads {args.threads}; "
           f"malloc {args.malloc}; {report['machine']['cpu']}; linear GFLOP/s fp32 {gemm['fp32']} / bf16 {gemm['bf16']}")
+    if "amp" in machine:
+        print(f"bf16 here: {machine['amp']}")
     for line in report["comparisons"]:
         print(line)
     if args.out:

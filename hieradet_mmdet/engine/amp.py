@@ -33,22 +33,40 @@ OUTPUT_LAYERS = ("rpn_cls", "rpn_reg", "retina_cls", "retina_reg", "conv_cls", "
 FAST_BF16 = 1.3  # bf16 must run matrix products at least this much faster than fp32 to be chosen
 
 
+FIRST_SIZE, FULL_SIZE = 256, 1024  # matrix sizes of the speed measurement (see bf16_speedup)
+CLEARLY_SLOW = 0.5  # a bf16 / fp32 ratio at FIRST_SIZE below this ends the measurement there
+
+
 @functools.lru_cache(maxsize=None)
-def bf16_speedup(device: str = "cpu", size: int = 1024) -> float:
-    """How many times faster bf16 matrix products run than float32 ones here (measured once)."""
+def bf16_speedup(device: str = "cpu") -> float:
+    """How many times faster bf16 matrix products run than float32 ones here (measured once per
+    process, in well under a second on any CPU).
+
+    Products of FIRST_SIZE matrices first: where bf16 has no native support (AVX2-only CPUs, or
+    AVX-512 without BF16), bf16 is tens of times slower already there and the answer is clear.
+    Otherwise products of FULL_SIZE matrices decide, which small ones under-state on fast bf16
+    units (AMX)."""
+    ratio = matmul_speed_ratio(device, FIRST_SIZE)
+    if ratio < CLEARLY_SLOW:
+        return ratio
+    return matmul_speed_ratio(device, FULL_SIZE)
+
+
+def matmul_speed_ratio(device: str, size: int, repeats: int = 4) -> float:
+    """fp32 time / bf16 time of a ``size`` x ``size`` matrix product (best of ``repeats`` after one warm-up)."""
     times = {}
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
         runs = []
-        for i in range(6):
+        for i in range(repeats + 1):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             a @ b
             if device == "cuda":
                 torch.cuda.synchronize()
-            if i >= 2:
+            if i > 0:
                 runs.append(time.perf_counter() - start)
         times[dtype] = min(runs)
     return times[torch.float32] / times[torch.bfloat16]

@@ -199,30 +199,53 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def gemm_gflops(device: str, threads: int, tokens: int = 8192, dim: int = 384, hidden: int = 1536) -> dict[str, float]:
-    """Best throughput of one MLP-sized linear (tokens x dim -> hidden) in fp32 and bf16 over 20
-    runs: the machine's practical limit for the cases' GFLOP/s, and whether bf16 can pay off at all
-    here. Without AMX, AVX-512 BF16 dot products do no more multiply-adds per cycle than fp32
-    FMAs, and the conversions come on top. The best run, not the median: a 10 ms bf16 product
-    is easily slowed by a neighbour on a shared machine, never sped up."""
+def amp_choice() -> str:
+    """What ``tools/train.py --amp`` does on this CPU and why (bf16 rows of the table run bf16
+    autocast whatever the choice, so that both can be compared)."""
+    from hieradet_mmdet.engine.amp import cpu_mixed_precision
+
+    return "--amp on CPU: " + cpu_mixed_precision()[1]
+
+
+def gemm_gflops(device: str, threads: int, tokens: int = 8192, dim: int = 384, hidden: int = 1536,
+                budget_s: float = 3.0) -> dict[str, float]:
+    """Best throughput of one MLP-sized linear (tokens x dim -> hidden) in fp32 and bf16: the
+    machine's practical limit for the cases' GFLOP/s, and whether bf16 can pay off at all here.
+    Without AMX, AVX-512 BF16 dot products do no more multiply-adds per cycle than fp32 FMAs, and
+    the conversions come on top; without any bf16 instructions (AVX2-only CPUs) bf16 products are
+    emulated and run tens of times slower than fp32. Each dtype gets about ``budget_s``: up to 20
+    runs, with fewer tokens where one run of ``tokens`` would not fit (emulated bf16). The best
+    run, not the median: a 10 ms bf16 product is easily slowed by a neighbour on a shared machine,
+    never sped up."""
     import torch
-    import torch.nn.functional as F
 
     device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        x = torch.randn(tokens, dim, device=device, dtype=dtype)
+        rows = min(tokens, 256)
         w = torch.randn(hidden, dim, device=device, dtype=dtype)
+        probe = _timed_linear(torch.randn(rows, dim, device=device, dtype=dtype), w, device)
+        # as many rows as let 20 runs fit into the budget (never more than asked for)
+        rows = max(rows, min(tokens, int(rows * budget_s / 20 / max(probe, 1e-9))))
+        x = torch.randn(rows, dim, device=device, dtype=dtype)
+        times = [_timed_linear(x, w, device)]  # warm-up at this size
+        spent = times[0]
         times = []
-        for i in range(23):
-            sync(device)
-            start = time.perf_counter()
-            F.linear(x, w)
-            sync(device)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-        out[name] = round(2 * tokens * dim * hidden / min(times) / 1e9, 1)
+        while len(times) < 20 and (spent < budget_s or len(times) < 2):
+            times.append(_timed_linear(x, w, device))
+            spent += times[-1]
+        out[name] = round(2 * rows * dim * hidden / min(times) / 1e9, 1)
     torch.set_num_threads(previous)
     return out
+
+
+def _timed_linear(x, w, device: str) -> float:
+    import torch.nn.functional as F
+
+    sync(device)
+    start = time.perf_counter()
+    F.linear(x, w)
+    sync(device)
+    return time.perf_counter() - start
