@@ -62,9 +62,13 @@ def test_dry_run_runs_every_part_and_writes_json_and_markdown(dry_run):
     det = parts["detector"]
     assert [r["model"] for r in det["rows"]] == ["hieradet_small", "swin_t"]
     assert all(r["status"] == "ok" and r["losses_finite"] and r["median_ms"] > 0 for r in det["rows"])
-    # what `tools/train.py --amp` picks without a GPU, run for two steps
-    assert det["amp"]["wrapper"] == "AutocastOptimWrapper" and det["amp"]["backbone_dtype"] == ["torch.bfloat16"]
-    assert det["amp"]["losses_finite"]
+    # what `tools/train.py --amp` picks without a GPU, run for two steps: bf16 exactly where this
+    # CPU's measured bf16 speed passes the threshold (both ways: test_amp_steps_follow_the_choice)
+    run = det["amp"]
+    fast = run["bf16_speedup"] >= run["fast_bf16"]
+    assert run["wrapper"] == ("AutocastOptimWrapper" if fast else "OptimWrapper"), run
+    assert run["backbone_dtype"] == (["torch.bfloat16"] if fast else ["torch.float32"]), run
+    assert run["losses_finite"]
 
     md = (out / "device_check.md").read_text()
     assert "## Checks" in md and "| check | arch | value | bound | ok |" in md and "**NO**" not in md
@@ -88,6 +92,25 @@ def test_the_summary_is_read_off_the_measured_rows(dry_run):
     for row in report["parts"]["timings"]["result"]["rows"]:  # as a GPU reports memory
         row["peak_above_start_gib"] = {"ours": 8.0, "ours with_cp": 2.0}.get(row["model"], 7.0)
     assert "- small fp32 with_cp peak memory: 0.25x of without (<= 0.5)" in dc.markdown(report)
+
+
+@pytest.mark.parametrize("speedup", [3.2, 0.01], ids=["fast-bf16", "emulated-bf16"])
+def test_amp_steps_follow_the_choice(speedup, monkeypatch):
+    """The detector part's `--amp` steps on a CPU whose bf16 is fast (AMX) and on one where it is
+    emulated (AVX2 only): bf16 autocast in the first case, float32 in the second."""
+    from mmdet.utils import register_all_modules
+
+    from hieradet_mmdet.engine import amp
+
+    register_all_modules(init_default_scope=True)
+    monkeypatch.setattr(amp, "bf16_speedup", lambda device="cpu": speedup)
+    ctx = dc.Context(dc.DRY_RUN, deadline=dc.time.time() + 600)
+    run = dc._amp_steps(ctx)
+    fast = speedup >= amp.FAST_BF16
+    assert run["wrapper"] == ("AutocastOptimWrapper" if fast else "OptimWrapper")
+    assert run["backbone_dtype"] == (["torch.bfloat16"] if fast else ["torch.float32"])
+    assert run["bf16_speedup"] == speedup and run["losses_finite"]
+    assert ("staying in float32" in run["message"]) is not fast
 
 
 # The dry run above passes these checks with these models and this input (make_pair's seed, the

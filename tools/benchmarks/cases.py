@@ -95,6 +95,47 @@ def _mmdet_config(name: str, arch: Optional[str], with_cp: bool, config: Optiona
     return cfg
 
 
+# Every block kind of HieraDet (q-pools, windows that tile and that need padding, a global block),
+# narrow; Swin-T likewise. For code paths, not for measurements: steps of a fraction of a second
+# on any CPU, in bf16 too (tens of times slower than fp32 where the CPU has no bf16 instructions).
+NARROW_HIERADET = dict(depths=(1, 1, 2, 1), embed_dim=16, num_heads=1, global_pos_size=(7, 7),
+                       global_att_blocks=(3,), window_spec=(8, 4, 14, 7))
+NARROW_SWIN = dict(embed_dims=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
+
+
+def narrow_detector_config(cfg, width: int = 32):
+    """``cfg``'s detector with a narrow backbone (NARROW_HIERADET or NARROW_SWIN) and ``width``
+    channels from the neck on, whatever the family (in place; returns ``cfg``)."""
+    model = cfg.model
+    backbone = model.backbone
+    kind = str(backbone.type).split(".")[-1]
+    if kind == "HieraDet":
+        backbone.arch = dict(NARROW_HIERADET)
+        backbone.pop("window_spec", None)
+        backbone.pop("global_att_blocks", None)
+        stages = [NARROW_HIERADET["embed_dim"] * 2 ** i for i in range(4)]
+    elif kind == "SwinTransformer":
+        backbone.update(NARROW_SWIN)
+        stages = [NARROW_SWIN["embed_dims"] * 2 ** i for i in range(4)]
+    else:
+        raise ValueError(f"no narrow form of a {backbone.type} backbone")
+    indices = backbone.get("out_indices", (0, 1, 2, 3))
+    model.neck.in_channels = [stages[i] for i in indices]
+    model.neck.out_channels = width
+    for name in ("rpn_head", "bbox_head"):
+        if model.get(name) is not None:
+            model[name].update(in_channels=width, feat_channels=width)
+    roi = model.get("roi_head")
+    if roi is not None:
+        roi.bbox_roi_extractor.out_channels = width
+        for head in roi.bbox_head if isinstance(roi.bbox_head, list) else [roi.bbox_head]:
+            head.update(in_channels=width, fc_out_channels=2 * width)
+        if roi.get("mask_head") is not None:
+            roi.mask_roi_extractor.out_channels = width
+            roi.mask_head.update(in_channels=width, conv_out_channels=width)
+    return cfg
+
+
 def _register_mmdet():
     from mmdet.utils import register_all_modules
 
