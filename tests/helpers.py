@@ -37,6 +37,18 @@ def assert_close_rel(ours, ref, tol=1e-5):
         assert err <= tol, err
 
 
+def assert_fp32_within_reference_noise(ours, ref, truth, factor=4.0, floor=1e-6):
+    """Each fp32 result of ``ours`` is no further from the float64 ``truth`` than ``factor`` times
+    the fp32 reference ``ref`` is, plus ``floor``: a bound made from the reference's own rounding
+    on the CPU at hand, not from what one CPU's float32 kernels happened to give."""
+    ours, ref, truth = list(ours), list(ref), list(truth)
+    assert len(ours) == len(ref) == len(truth)
+    for i, (a, r, t) in enumerate(zip(ours, ref, truth)):
+        assert a.shape == r.shape == t.shape, i
+        err, noise = rel_err(a, t), rel_err(r, t)
+        assert err <= factor * noise + floor, (i, err, noise)
+
+
 # ---- birder, the reference --------------------------------------------------------------------
 
 CHECKPOINT_SIZE = 64  # the input size the classifier checkpoints are saved with (birder's signature)

@@ -1,9 +1,11 @@
 """The fast path (token layouts, fused oneDNN linears, the plan cache) against the reference path."""
 
+import copy
+
 import pytest
 import torch
 
-from helpers import assert_close_rel, rel_err
+from helpers import assert_close_rel, assert_fp32_within_reference_noise, rel_err
 from hieradet_mmdet.models import HieraDet
 from hieradet_mmdet.models import fast_path
 from hieradet_mmdet.models.hieradet import PLAN_CACHE_SIZE
@@ -38,16 +40,18 @@ def reference(model, x):
 
 @pytest.mark.parametrize("hw", [(200, 136), (112, 144), (96, 160), (45, 77)])
 def test_fast_path_equals_the_reference_path(mini, hw, monkeypatch):
+    """In float32, each of the fast path's variants is as close to the float64 reference path as
+    the float32 reference path is (within 4x its error + 1e-6, whatever this CPU's kernels)."""
     x = torch.randn(2, 3, *hw)  # 200x136: stage 3 (13 x 8) pads windows of 14 in both directions
     with torch.no_grad():
+        truth = reference(copy.deepcopy(mini).double(), x.double())
         ref = reference(mini, x)
         fused = mini(x)
         monkeypatch.setattr(fast_path, "fused_dtype", lambda x: None)  # plain linears
         plain = mini(x)
     grad = mini(x.requires_grad_())  # autograd path: plain ops, gathers with gather backward
-    for a, b, c, r in zip(fused, plain, grad, ref):
-        assert a.shape == b.shape == c.shape == r.shape
-        assert rel_err(a, r) < 1e-5 and rel_err(b, r) < 1e-5 and rel_err(c, r) < 1e-5
+    for variant in (fused, plain, grad):
+        assert_fp32_within_reference_noise(variant, ref, truth)
     sum(o.square().mean() for o in grad).backward()
     assert torch.isfinite(x.grad).all()
 
