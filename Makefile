@@ -4,6 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
+# `make test CPU=avx2`: the tests whose outcome depends on the processor's instructions (precision,
+# fused oneDNN kernels, the fast path, bf16 autocast, benchmarks, the GPU check's dry run) on an
+# emulated AVX2-only CPU: ATen's and oneDNN's kernels capped at AVX2 (no AVX-512, no AMX, no bf16).
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+CPU_BOUND_TESTS := tests/models tests/weights tests/engine/test_amp.py tests/tools/test_benchmark_tool.py \
+	tests/tools/test_device_check.py tests/test_cpu.py
+PYTEST := -m pytest -q -n 2 --dist loadfile
+
 .PHONY: setup test demo
 
 # Idempotent: every step checks what is already installed; the mmcv wheel is cached in ~/.cache.
@@ -15,7 +23,14 @@ $(STAMP): tools/setup_env.sh pyproject.toml
 	$(MAKE) setup
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+ifeq ($(CPU),)
+	$(PY) $(PYTEST) tests
+else ifeq ($(CPU),avx2)
+	$(AVX2_ONLY) $(PY) -m hieradet_mmdet.cpu --expect avx2
+	$(AVX2_ONLY) $(PY) $(PYTEST) $(CPU_BOUND_TESTS)
+else
+	$(error CPU=$(CPU) is not emulated here; CPU=avx2 is)
+endif
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
