@@ -143,19 +143,19 @@ def _cpu_mixed_precision(model) -> None:
     import torch
 
     from hieradet_mmdet.engine.amp import autocast_detector, cpu_mixed_precision
+    from hieradet_mmdet.mmengine_adapter import override
 
     dtype, reason = cpu_mixed_precision()
     print(f"--amp on CPU: {reason}", flush=True)
     if dtype is None:
         return
     model = getattr(model, "module", model)
-    test_step = model.test_step
 
     def amp_test_step(data):
         with torch.no_grad(), autocast_detector(model, dtype):
             return test_step(data)
 
-    model.test_step = amp_test_step
+    test_step = override(model, "test_step", amp_test_step)
 
 
 if __name__ == "__main__":

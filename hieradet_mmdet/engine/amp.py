@@ -26,6 +26,8 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 from torch import nn
 
+from .. import mmengine_adapter as mmengine_api
+
 # The last layer of every MMDetection head we ship (RPN, RetinaNet, FCOS, (Cascade) R-CNN box and
 # mask heads): their outputs are decoded and thresholded, which wants float32.
 OUTPUT_LAYERS = ("rpn_cls", "rpn_reg", "retina_cls", "retina_reg", "conv_cls", "conv_reg", "conv_centerness",
@@ -119,14 +121,14 @@ def autocast_detector(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
     if parts is not None:
         wrapped = [getattr(model, name) for name in parts if hasattr(model, name)]
         for module in wrapped:
-            module.forward = _cast_outputs(_with_autocast(module.forward, device, dtype))
+            mmengine_api.override(module, "forward", _cast_outputs(_with_autocast(module.forward, device, dtype)))
     else:
         wrapped = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_LAYERS]
         for module in wrapped:
-            module.forward = _in_float32(module.forward, device)
+            mmengine_api.override(module, "forward", _in_float32(module.forward, device))
         roi_ops = [m for m in model.modules() if _is_roi_op(m)]
         for module in roi_ops:
-            module.forward = _in_float32(module.forward, device, same_dtype_out=True)
+            mmengine_api.override(module, "forward", _in_float32(module.forward, device, same_dtype_out=True))
         wrapped += roi_ops
     try:
         if parts is None:
@@ -136,7 +138,7 @@ def autocast_detector(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
             yield
     finally:
         for module in wrapped:
-            del module.forward  # back to the class's forward
+            mmengine_api.restore(module, "forward")
 
 
 def _is_roi_op(module: nn.Module) -> bool:

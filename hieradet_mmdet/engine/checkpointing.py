@@ -33,9 +33,10 @@ from mmengine.fileio.backends import LocalBackend
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
+from .. import mmengine_adapter as mmengine_api
 from ..weights.errors import CheckpointError
-from .finite_loss import NonFiniteLossError
 from ..weights.reader import load_file
+from .finite_loss import NonFiniteLossError
 
 DIGEST_KEY = "hieradet_digest"
 RNG_KEY = "hieradet_rng"
@@ -189,6 +190,9 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+mmengine_api.require_checkpoint_writer()  # the method overridden below: a clear error at import if it changed
+
+
 @HOOKS.register_module()
 class SafeCheckpointHook(CheckpointHook):
     """MMEngine's ``CheckpointHook`` (same arguments) with crash-safe writes, digests, a
@@ -206,17 +210,22 @@ class SafeCheckpointHook(CheckpointHook):
             for name in os.listdir(runner.work_dir):
                 if _UNFINISHED.match(name):
                     os.remove(osp.join(runner.work_dir, name))
-        if runner._resume and runner._load_from is None:
-            runner._load_from = find_resumable_checkpoint(runner.work_dir)
-            if runner._load_from is None:
+        load_from = mmengine_api.checkpoint_to_load(runner)
+        if mmengine_api.resume_requested(runner) and load_from is None:
+            mmengine_api.set_checkpoint_to_load(runner, find_resumable_checkpoint(runner.work_dir))
+            if mmengine_api.checkpoint_to_load(runner) is None:
                 print_log(f"no checkpoint in {runner.work_dir} to resume from: training from the start",
                           logger="current", level=30)
-        elif runner._load_from is not None and osp.isfile(runner._load_from):
-            verify_checkpoint(runner._load_from)
+        elif load_from is not None and osp.isfile(load_from):
+            verify_checkpoint(load_from)
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        mmengine_api.checkpoint_hook_state(self)  # what _save_checkpoint_with_step uses: fail here if it changed
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         saved = checkpoint.get("meta", {}).get(RNG_KEY)
-        if not runner._resume or not saved:
+        if not mmengine_api.resume_requested(runner) or not saved:
             return
         rank, world = _world()
         states = saved["ranks"]
@@ -230,23 +239,24 @@ class SafeCheckpointHook(CheckpointHook):
         sampler = getattr(loop.dataloader, "sampler", None)
         if saved.get("sampler_seed") is not None and hasattr(sampler, "seed"):
             sampler.seed = saved["sampler_seed"]
-            if hasattr(loop, "dataloader_iterator"):  # made when the loop was built, with the old seed
-                loop.dataloader_iterator = type(loop.dataloader_iterator)(loop.dataloader)
+            if mmengine_api.loop_data_iterator(loop) is not None:  # made when the loop was built, with the old seed
+                mmengine_api.restart_loop_data_iterator(loop)
 
     def before_train_epoch(self, runner) -> None:
         if self._restore is None:
             return
         state, self._restore = self._restore["state"], None
         loop = runner.train_loop
-        skip = loop.iter if hasattr(loop, "dataloader_iterator") else 0
+        iterator = mmengine_api.loop_data_iterator(loop)
+        skip = loop.iter if iterator is not None else 0
         if skip == 0:  # an epoch-based loop starts its next epoch right after this hook
             set_rng_state(state)
         else:  # an iteration-based loop first replays the batches it already trained on
-            loop.dataloader_iterator = _RestoreAfter(loop, loop.dataloader_iterator, skip, state)
+            mmengine_api.set_loop_data_iterator(loop, _RestoreAfter(loop, iterator, skip, state))
 
     # -- writing --
 
-    def _save_checkpoint_with_step(self, runner, step, meta) -> None:
+    def _save_checkpoint_with_step(self, runner, step, meta) -> None:  # mmengine_api.CHECKPOINT_WRITER
         _refuse_nonfinite(runner)
         if not isinstance(self.file_backend, LocalBackend):
             print_log("SafeCheckpointHook writes atomically to local disks only; saving as CheckpointHook does",
@@ -328,7 +338,7 @@ class _RestoreAfter:
     def __next__(self):
         if self.skip == 0:
             set_rng_state(self.state)
-            self.loop.dataloader_iterator = self.iterator
+            mmengine_api.set_loop_data_iterator(self.loop, self.iterator)
             return next(self.iterator)
         self.skip -= 1
         return next(self.iterator)

@@ -18,6 +18,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from torch import nn
 
+from .. import mmengine_adapter as mmengine_api
 from ..models.hieradet import HieraDet, arch_name
 
 
@@ -66,7 +67,7 @@ def preprocessing_warnings(model: nn.Module) -> list[str]:
         out.append("data_preprocessor std is 1 (a Caffe-style ResNet setting); HieraDet weights expect "
                    "normalised RGB input: set model.data_preprocessor mean/std to the checkpoint's "
                    "rgb_stats (x255) and bgr_to_rgb=True")
-    if getattr(pre, "_channel_conversion", True) is False:
+    if mmengine_api.swaps_channels(pre) is False:
         out.append("data_preprocessor.bgr_to_rgb is False, but HieraDet weights were trained on RGB "
                    "images: set model.data_preprocessor.bgr_to_rgb=True")
     return out
@@ -77,7 +78,7 @@ def rgb_stats_mismatch(model: Optional[nn.Module], rgb_stats: Optional[dict]) ->
     (a checkpoint's {"mean": (r, g, b), "std": (r, g, b)} in [0, 1]), or None if it does."""
     pre = getattr(model, "data_preprocessor", None)
     mean, std = getattr(pre, "mean", None), getattr(pre, "std", None)
-    if mean is None or std is None or not rgb_stats or not getattr(pre, "_enable_normalize", True):
+    if mean is None or std is None or not rgb_stats or mmengine_api.normalizes(pre) is False:
         return None
     want_mean = [round(255 * float(v), 4) for v in rgb_stats["mean"]]
     want_std = [round(255 * float(v), 4) for v in rgb_stats["std"]]

@@ -16,12 +16,15 @@ stopping or skipping.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.distributed as dist
 from mmdet.registry import HOOKS
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
+
+from .. import mmengine_adapter as mmengine_api
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,17 +54,15 @@ class FiniteLossHook(Hook):
             print_log("FiniteLossHook checks the loss only: the gradient norm check needs a single OptimWrapper",
                       logger="current", level=30)
         self._runner = runner
-        if "parse_losses" in vars(model):  # this runner's objects are checked already
+        if mmengine_api.is_overridden(model, "parse_losses"):  # this runner's objects are checked already
             return
-        # Instance attributes over the bound methods: only this run's model and wrapper change.
-        parse_losses = model.parse_losses
-        model.parse_losses = lambda losses: self._checked(*parse_losses(losses))
+        # Only this run's model and wrapper change (mmengine_adapter.override).
+        parse_losses = mmengine_api.override(model, "parse_losses", lambda losses: self._checked(*parse_losses(losses)))
         if isinstance(wrapper, OptimWrapper):
-            update_params = wrapper.update_params
-            wrapper.update_params = lambda loss, **kwargs: self._update(update_params, wrapper, loss, **kwargs)
+            update_params = mmengine_api.override(
+                wrapper, "update_params", lambda loss, **kwargs: self._update(update_params, wrapper, loss, **kwargs))
             if wrapper.clip_grad_kwargs and not isinstance(wrapper, AmpOptimWrapper):
-                clip = wrapper._clip_grad
-                wrapper._clip_grad = lambda: self._clipped(clip)
+                mmengine_api.wrap_gradient_clipping(wrapper, self._clipped)
 
     # -- the checks --
 
@@ -74,8 +75,8 @@ class FiniteLossHook(Hook):
 
     def _clipped(self, clip) -> None:
         clip()
-        norm = self._runner.message_hub.get_scalar("train/grad_norm").current()
-        if not math.isfinite(float(norm)):  # the same on every process: gradients are all-reduced
+        norm = mmengine_api.last_gradient_norm(self._runner.message_hub)
+        if not math.isfinite(norm):  # the same on every process: gradients are all-reduced
             self._nonfinite(f"the gradient norm is {norm}")
             raise _SkipStep  # (in 'stop' mode _nonfinite has raised already)
 

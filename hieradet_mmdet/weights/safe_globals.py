@@ -14,12 +14,13 @@ import pickle
 
 import numpy as np
 import torch
-from mmengine.logging.history_buffer import HistoryBuffer
 
-# HistoryBuffer's own statistics (registered by its _set_default_statistics). Listed here, not
-# read from HistoryBuffer._statistics_methods: that table is empty until a buffer exists in the
-# process, so reading it would make loading depend on import order.
-HISTORY_BUFFER_STATISTICS = ("min", "max", "current", "mean")
+from ..mmengine_adapter import HISTORY_BUFFER_STATISTICS, history_buffer_class
+
+# HistoryBuffer's own statistics (registered by its _set_default_statistics) are listed in the
+# adapter, not read from HistoryBuffer._statistics_methods: that table is empty until a buffer
+# exists in the process, so reading it would make loading depend on import order.
+HistoryBuffer = history_buffer_class()
 _NUMPY_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                  "float16", "float32", "float64", "complex64", "complex128")
 
