@@ -71,17 +71,22 @@ def set_checkpoint_to_load(runner, path: Optional[str]) -> None:
 # while the hook's schedule (interval, by_epoch, save_last, max_keep_ckpts) stays MMEngine's.
 
 CHECKPOINT_WRITER = "_save_checkpoint_with_step"
+# _save_best_checkpoint(runner, metrics) writes save_best's checkpoints (after_val_epoch): through
+# runner.save_checkpoint, removing the previous best with file_backend.remove, keeping its path in
+# best_ckpt_path.
+BEST_WRITER = "_save_best_checkpoint"
 # The hook's state that an override of the writer uses, set by CheckpointHook.__init__ / before_train.
 # (keep_ckpt_ids, the rotation's queue, only exists with max_keep_ckpts > 0.)
 CHECKPOINT_HOOK_STATE = ("filename_tmpl", "out_dir", "file_backend", "file_client_args", "backend_args", "args",
                          "save_optimizer", "save_param_scheduler", "by_epoch", "max_keep_ckpts", "last_ckpt")
 
 
-def require_checkpoint_writer() -> None:
-    """Raise MMEngineChanged unless CheckpointHook still writes through CHECKPOINT_WRITER."""
+def require_checkpoint_writers() -> None:
+    """Raise MMEngineChanged unless CheckpointHook still writes through CHECKPOINT_WRITER and BEST_WRITER."""
     from mmengine.hooks import CheckpointHook
 
     _require_method(CheckpointHook, CHECKPOINT_WRITER, ("runner", "step", "meta"), "CheckpointHook's writer")
+    _require_method(CheckpointHook, BEST_WRITER, ("runner", "metrics"), "CheckpointHook's best writer")
 
 
 def checkpoint_hook_state(hook) -> dict:
@@ -187,3 +192,76 @@ def history_buffer_class() -> type:
     from mmengine.logging.history_buffer import HistoryBuffer
 
     return HistoryBuffer
+
+
+# ---- samplers: their index order, to start it anywhere ------------------------------------------
+# InfiniteSampler concatenates permutations of range(size) drawn from one torch.Generator seeded
+# with its seed (or range(size) itself without shuffle) and takes every world_size-th index from
+# its rank on. DefaultSampler's epoch is a finite list (iter(sampler) computes it at once).
+
+def is_default_sampler(sampler) -> bool:
+    from mmengine.dataset import DefaultSampler
+
+    return isinstance(sampler, DefaultSampler)
+
+
+def is_infinite_sampler(sampler) -> bool:
+    from mmengine.dataset import InfiniteSampler
+
+    return isinstance(sampler, InfiniteSampler)
+
+
+def infinite_sampler_indices(sampler, start: int):
+    """``iter(sampler)`` of an InfiniteSampler from its ``start``-th index on, drawing only the
+    permutations before that position (not the indices)."""
+    import torch
+
+    contact = "InfiniteSampler's order"
+    size, world, rank, shuffle, seed = (_attribute(sampler, name, contact)
+                                        for name in ("size", "world_size", "rank", "shuffle", "seed"))
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    permutation, offset = divmod(rank + start * world, size)
+    for _ in range(permutation if shuffle else 0):
+        torch.randperm(size, generator=generator)
+    while True:
+        order = torch.randperm(size, generator=generator) if shuffle else torch.arange(size)
+        yield from order[offset::world].tolist()
+        offset += world * -(-(size - offset) // world) - size  # where the rank's next index falls in the next one
+
+
+# ---- batch samplers: what they hold back between batches -----------------------------------------
+# MMDetection's AspectRatioBatchSampler (and its subclasses) keep the indices not yet batched in
+# _aspect_ratio_buckets (two lists: portrait and landscape images).
+
+def held_back(batch_sampler, handed_out: Optional[list] = None) -> Optional[list]:
+    """The indices a batch sampler holds back for later batches (a copy), or None when it holds none
+    we know of (torch's BatchSampler holds none; other kinds are not known). ``handed_out``: the
+    batch it has just yielded -- AspectRatioBatchSampler empties the bucket it yielded only when
+    the next batch is asked for, so that bucket counts as empty."""
+    buckets = getattr(batch_sampler, "_aspect_ratio_buckets", None)
+    if buckets is None:
+        return None
+    return [[] if handed_out is not None and list(bucket) == list(handed_out) else list(bucket) for bucket in buckets]
+
+
+def set_held_back(batch_sampler, buckets: Optional[list]) -> None:
+    if buckets is not None:
+        _attribute(batch_sampler, "_aspect_ratio_buckets", "AspectRatioBatchSampler._aspect_ratio_buckets")
+        batch_sampler._aspect_ratio_buckets = [list(bucket) for bucket in buckets]
+
+
+# ---- the training loops' state ------------------------------------------------------------------
+# The resumable loops (engine/loops.py) subclass EpochBasedTrainLoop / IterBasedTrainLoop and run
+# their epochs and iterations as MMEngine's do, with the same state: Runner.resume() sets _epoch and
+# _iter from the checkpoint's meta, EarlyStoppingHook sets stop_training, and
+# _decide_current_val_interval() updates val_interval.
+
+LOOP_STATE = ("_epoch", "_iter", "_max_epochs", "_max_iters", "stop_training", "val_begin", "val_interval",
+              "_decide_current_val_interval")
+
+
+def require_loop_state(loop) -> None:
+    """Raise MMEngineChanged unless the training loop has the state its subclasses here use."""
+    for name in LOOP_STATE:
+        _attribute(loop, name, f"{type(loop).__mro__[-3].__name__}'s state")

@@ -66,7 +66,7 @@ def test_runner_keeps_resume_and_load_from_until_load_or_resume(tmp_path):
 
 
 def test_checkpoint_hook_writes_every_checkpoint_through_its_writer(tmp_path):
-    api.require_checkpoint_writer()
+    api.require_checkpoint_writers()
     steps = []
 
     class Recording(CheckpointHook):

@@ -48,3 +48,10 @@ hieradet_optim_wrapper = dict(
     clip_grad=None)
 
 hieradet_auto_scale_lr = dict(enable=True, base_batch_size=16)
+
+# Training that never loses more than minutes of work: checkpoints written atomically with a digest,
+# the random states and every process's data position, plus a rolling latest.pth every 10 minutes
+# inside epochs (hieradet_mmdet.engine.checkpointing); the training loop that resumes there, at the
+# next batch, without loading the trained batches again (hieradet_mmdet.engine.loops).
+hieradet_checkpoint = dict(type='SafeCheckpointHook', latest_interval_minutes=10)
+hieradet_train_loop = 'ResumableEpochBasedTrainLoop'

@@ -18,6 +18,6 @@ model = dict(
 # and gradient clipping); SGD at lr 0.02 diverges with this backbone.
 optim_wrapper = dict(_delete_=True, **_base_.hieradet_optim_wrapper)
 auto_scale_lr = _base_.hieradet_auto_scale_lr
-# Checkpoints written atomically with a digest and the random states: a crash never loses a
-# complete one, and --resume repeats the uninterrupted run (hieradet_mmdet.engine.checkpointing).
-default_hooks = dict(checkpoint=dict(type='SafeCheckpointHook'))
+# A kill loses at most 10 minutes of training, and --resume repeats the uninterrupted run exactly.
+default_hooks = dict(checkpoint=_base_.hieradet_checkpoint)
+train_cfg = dict(type=_base_.hieradet_train_loop)

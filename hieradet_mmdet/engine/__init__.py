@@ -9,8 +9,11 @@ from .datasets import CheckedCocoDataset
 from .distributed import HeartbeatHook
 from .finite_loss import FiniteLossHook, NonFiniteLossError
 from .layer_decay import HieraDetLayerDecayConstructor
+from .loops import ResumableEpochBasedTrainLoop, ResumableIterBasedTrainLoop
+from .resumable_data import ResumableBatchSampler
 from .transforms import CheckedLoadImageFromFile
 
 __all__ = ["AutocastOptimWrapper", "CheckedCocoDataset", "CheckedLoadImageFromFile", "FiniteLossHook",
            "HeartbeatHook", "HieraDetCheckHook", "HieraDetLayerDecayConstructor", "NonFiniteLossError",
+           "ResumableBatchSampler", "ResumableEpochBasedTrainLoop", "ResumableIterBasedTrainLoop",
            "SafeCheckpointHook", "check_detector"]

@@ -23,6 +23,7 @@ import os
 import os.path as osp
 import random
 import re
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -37,12 +38,18 @@ from .. import mmengine_adapter as mmengine_api
 from ..weights.errors import CheckpointError
 from ..weights.reader import load_file
 from .finite_loss import NonFiniteLossError
+from .loops import ResumableTrainLoop
+from .resumable_data import real_sampler
 
 DIGEST_KEY = "hieradet_digest"
 RNG_KEY = "hieradet_rng"
+DATA_KEY = "hieradet_data"
+VALIDATION_KEY = "hieradet_validation_due"
 POINTER = "last_checkpoint"
+VALIDATED = "last_validated"  # the iteration after which the last validation finished
+LATEST = "latest.pth"  # the rolling checkpoint written inside epochs
 _CHECKPOINT_NAME = re.compile(r"^(?:iter|epoch)_(\d+)\.pth$")
-_UNFINISHED = re.compile(r"^(?:\.(?:iter|epoch)_\d+\.pth|last_checkpoint)\.tmp-\d+$")
+_UNFINISHED = re.compile(r"^(?:\..+\.pth|last_checkpoint|last_validated)\.tmp-\d+$")
 
 
 # ---- digest -------------------------------------------------------------------------------------
@@ -108,25 +115,40 @@ def read_pointer(work_dir: str) -> Optional[str]:
 
 
 def checkpoints_in(work_dir: str) -> list[str]:
-    """``iter_N.pth`` / ``epoch_N.pth`` files of a work dir, newest (highest N) first."""
+    """``iter_N.pth`` / ``epoch_N.pth`` files and the rolling ``latest.pth`` of a work dir."""
     try:
-        names = [n for n in os.listdir(work_dir) if _CHECKPOINT_NAME.match(n)]
+        names = [n for n in os.listdir(work_dir) if _CHECKPOINT_NAME.match(n) or n == LATEST]
     except OSError:
         return []
-    names.sort(key=lambda n: (int(_CHECKPOINT_NAME.match(n).group(1)), n.startswith("iter")), reverse=True)
-    return [osp.join(work_dir, n) for n in names]
+    return [osp.join(work_dir, n) for n in sorted(names)]
+
+
+def training_progress(path: str) -> Optional[tuple[int, int]]:
+    """(iteration, epoch) a checkpoint was written at, from its meta; None if it cannot be read."""
+    try:
+        content, _ = load_file(path, mmap=True)
+        meta = content.get("meta", {})
+        return int(meta["iter"]), int(meta.get("epoch", 0))
+    except (CheckpointError, KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def find_resumable_checkpoint(work_dir: str, logger: str = "current") -> Optional[str]:
     """The newest checkpoint of ``work_dir`` that reads and verifies, with a warning naming what was
-    skipped and why; None if there is none. Newest: the highest ``iter_N`` / ``epoch_N`` (a kill
-    between a checkpoint's rename and the pointer's update leaves ``last_checkpoint`` one behind);
-    a pointer to a file of another name (a custom ``filename_tmpl``) comes first."""
+    skipped and why; None if there is none. Newest: the furthest training progress (iteration,
+    then epoch) its meta records, whatever the file's name (a kill between a checkpoint's rename and
+    the pointer's update leaves ``last_checkpoint`` one behind); files that cannot even be read are
+    tried (and reported) first. A pointer to a file of another name (a custom ``filename_tmpl``)
+    counts too."""
     pointed = read_pointer(work_dir)
-    numbered = checkpoints_in(work_dir)
-    candidates = ([pointed] if pointed and pointed not in numbered else []) + numbered
+    files = checkpoints_in(work_dir)
+    if pointed and pointed not in files and osp.exists(pointed):
+        files.append(pointed)
+    progress = {path: training_progress(path) for path in files}
+    unreadable = sorted((p for p in files if progress[p] is None), key=_number_in_name, reverse=True)
+    readable = sorted((p for p in files if progress[p] is not None), key=lambda p: progress[p], reverse=True)
     skipped = []
-    for path in candidates:
+    for path in unreadable + readable:
         try:
             verify_checkpoint(path)
         except CheckpointError as err:
@@ -139,6 +161,11 @@ def find_resumable_checkpoint(work_dir: str, logger: str = "current") -> Optiona
     if skipped:
         raise CheckpointError(f"no intact checkpoint in {work_dir} to resume from:\n" + "\n".join(skipped))
     return None
+
+
+def _number_in_name(path: str) -> int:
+    match = _CHECKPOINT_NAME.match(osp.basename(path))
+    return int(match.group(1)) if match else -1
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -190,18 +217,41 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-mmengine_api.require_checkpoint_writer()  # the method overridden below: a clear error at import if it changed
+mmengine_api.require_checkpoint_writers()  # the methods overridden below: a clear error at import if they changed
 
 
 @HOOKS.register_module()
 class SafeCheckpointHook(CheckpointHook):
     """MMEngine's ``CheckpointHook`` (same arguments) with crash-safe writes, digests, a
-    work-dir-relative pointer, fallback on resume and exact resume (module docstring)."""
+    work-dir-relative pointer, fallback on resume and exact resume (module docstring), plus:
 
-    def __init__(self, *args, **kwargs) -> None:
+    Args:
+        latest_interval_minutes: also write the rolling ``latest.pth`` when this much wall time has
+            passed since the last checkpoint (default 10: a crash, a kill or a preempted node loses
+            at most ten minutes of training, whatever the epoch's length). None: never by time.
+        latest_interval_iters: also write ``latest.pth`` every this many iterations. None: never by count.
+
+    ``latest.pth`` is replaced atomically each time, never rotated away and not counted by
+    ``max_keep_ckpts``; it is written only under a resumable training loop (:mod:`.loops`), which
+    can continue inside an epoch. ``save_best`` checkpoints are written atomically too (the
+    previous best is removed only once the new one is complete).
+    """
+
+    def __init__(self, *args, latest_interval_minutes: Optional[float] = 10.0,
+                 latest_interval_iters: Optional[int] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        for name, value in (("latest_interval_minutes", latest_interval_minutes),
+                            ("latest_interval_iters", latest_interval_iters)):
+            if value is not None and value <= 0:
+                raise ValueError(f"SafeCheckpointHook {name} must be positive or None, got {value}")
+        self.latest_interval_s = None if latest_interval_minutes is None else 60.0 * latest_interval_minutes
+        self.latest_interval_iters = latest_interval_iters
         self._rng_states: Optional[list] = None
+        self._data_states: Optional[list] = None
+        self._validation_due = False
         self._restore: Optional[dict] = None
+        self._last_write = (time.monotonic(), -1)  # (when, at which iteration count) the last checkpoint was written
+        self._warned_not_resumable = False
 
     # -- choosing and checking what to resume / load --
 
@@ -222,12 +272,26 @@ class SafeCheckpointHook(CheckpointHook):
     def before_train(self, runner) -> None:
         super().before_train(runner)
         mmengine_api.checkpoint_hook_state(self)  # what _save_checkpoint_with_step uses: fail here if it changed
+        self._last_write = (time.monotonic(), runner.iter)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        saved = checkpoint.get("meta", {}).get(RNG_KEY)
-        if not mmengine_api.resume_requested(runner) or not saved:
+        if not mmengine_api.resume_requested(runner):
             return
+        meta = checkpoint.get("meta", {})
         rank, world = _world()
+        loop = runner.train_loop
+        data = meta.get(DATA_KEY)
+        exact = True
+        if data is not None and isinstance(loop, ResumableTrainLoop):
+            note = loop.resume_data(data["ranks"], world)  # raises InexactResumeError where it cannot be exact
+            if note:
+                print_log(note, logger="current", level=30)
+                exact = False
+        if meta.get(VALIDATION_KEY) and hasattr(loop, "validation_due"):
+            loop.validation_due = read_validated(runner.work_dir) < int(meta.get("iter", 0))
+        saved = meta.get(RNG_KEY)
+        if not saved or not exact:
+            return
         states = saved["ranks"]
         if len(states) != world:
             print_log(f"the checkpoint holds random states of {len(states)} processes, this run has {world}: "
@@ -235,8 +299,7 @@ class SafeCheckpointHook(CheckpointHook):
                       logger="current", level=30)
             return
         self._restore = dict(state=states[rank])
-        loop = runner.train_loop
-        sampler = getattr(loop.dataloader, "sampler", None)
+        sampler = real_sampler(loop.dataloader)
         if saved.get("sampler_seed") is not None and hasattr(sampler, "seed"):
             sampler.seed = saved["sampler_seed"]
             if mmengine_api.loop_data_iterator(loop) is not None:  # made when the loop was built, with the old seed
@@ -249,48 +312,46 @@ class SafeCheckpointHook(CheckpointHook):
         loop = runner.train_loop
         iterator = mmengine_api.loop_data_iterator(loop)
         skip = loop.iter if iterator is not None else 0
-        if skip == 0:  # an epoch-based loop starts its next epoch right after this hook
+        if skip == 0:  # an epoch-based or resumable loop trains its next batch right after this hook
             set_rng_state(state)
-        else:  # an iteration-based loop first replays the batches it already trained on
+        else:  # MMEngine's iteration-based loop first replays the batches it already trained on
             mmengine_api.set_loop_data_iterator(loop, _RestoreAfter(loop, iterator, skip, state))
 
     # -- writing --
 
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        super().after_train_iter(runner, batch_idx, data_batch, outputs)
+        if self._latest_due(runner):
+            if isinstance(runner.train_loop, ResumableTrainLoop):
+                self._write(runner, LATEST, dict(epoch=runner.epoch, iter=runner.iter + 1), by_epoch=False,
+                            epoch_end=False)
+            elif not self._warned_not_resumable:
+                self._warned_not_resumable = True
+                print_log(f"no {LATEST} inside epochs: {type(runner.train_loop).__name__} cannot resume there (the "
+                          "Resumable* loops of hieradet_mmdet.engine.loops can)", logger="current", level=30)
+
+    def _latest_due(self, runner) -> bool:
+        """Whether the rolling checkpoint is due after this iteration (the same answer in every process)."""
+        when, at = self._last_write
+        done = runner.iter + 1
+        if at == done:  # a checkpoint of this very iteration was just written
+            return False
+        due = self.latest_interval_iters is not None and done - max(at, 0) >= self.latest_interval_iters
+        if self.latest_interval_s is not None and not due:
+            due = time.monotonic() - when >= self.latest_interval_s
+            if _world()[1] > 1:  # clocks differ between processes: rank 0 decides for all
+                flag = [due]
+                dist.broadcast_object_list(flag, src=0)
+                due = flag[0]
+        return bool(due)
+
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:  # mmengine_api.CHECKPOINT_WRITER
-        _refuse_nonfinite(runner)
         if not isinstance(self.file_backend, LocalBackend):
             print_log("SafeCheckpointHook writes atomically to local disks only; saving as CheckpointHook does",
                       logger="current", level=30)
             return super()._save_checkpoint_with_step(runner, step, meta)
-        states = [rng_state()]
-        if _world()[1] > 1:
-            states = [None] * _world()[1]
-            dist.all_gather_object(states, rng_state())
-        self._rng_states = states
-        filename = self.filename_tmpl.format(step)
-        final = self.file_backend.join_path(self.out_dir, filename)
-        tmp_name = f".{filename}.tmp-{os.getpid()}"
-        tmp = self.file_backend.join_path(self.out_dir, tmp_name)
-        try:
-            runner.save_checkpoint(self.out_dir, tmp_name, self.file_client_args, save_optimizer=self.save_optimizer,
-                                   save_param_scheduler=self.save_param_scheduler, meta=meta, by_epoch=self.by_epoch,
-                                   backend_args=self.backend_args, **self.args)
-            if _world()[0] == 0:
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-                _fsync_dir(self.out_dir)
-                atomic_write_text(osp.join(runner.work_dir, POINTER), osp.relpath(final, runner.work_dir))
-        except OSError as err:
-            if osp.exists(tmp):
-                os.remove(tmp)
-            try:
-                intact = find_resumable_checkpoint(runner.work_dir, logger="silent")
-            except CheckpointError:
-                intact = None
-            raise OSError(err.errno, f"could not write checkpoint {final}: {err.strerror or err}; nothing was "
-                                     f"lost: {intact or 'no earlier checkpoint'} is intact and --resume continues "
-                                     "from it once the problem (e.g. a full disk) is fixed") from err
+        final = self._write(runner, self.filename_tmpl.format(step), meta, by_epoch=self.by_epoch,
+                            epoch_end=self.by_epoch)
         self.last_ckpt = final
         runner.message_hub.update_info("last_ckpt", final)
         if self.max_keep_ckpts > 0:  # rotate only now that the new checkpoint is complete
@@ -303,11 +364,105 @@ class SafeCheckpointHook(CheckpointHook):
                 self.keep_ckpt_ids.append(step)
             runner.message_hub.update_info("keep_ckpt_ids", list(self.keep_ckpt_ids))
 
+    def _write(self, runner, filename: str, meta: dict, by_epoch: bool, epoch_end: bool) -> str:
+        """Write a training checkpoint named ``filename`` atomically (module docstring) with the random
+        states and data positions of every process; returns its path."""
+        _refuse_nonfinite(runner)
+        loop = runner.train_loop
+        self._rng_states = _gather(rng_state())
+        self._data_states = _gather(loop.data_state()) if isinstance(loop, ResumableTrainLoop) else None
+        due = getattr(loop, "validation_due_at_checkpoint", None)
+        self._validation_due = bool(due(epoch_end)) if due is not None else False
+        try:
+            final = self._atomic_save(runner, runner.save_checkpoint, self.out_dir, filename,
+                                      file_client_args=self.file_client_args,
+                                      save_optimizer=self.save_optimizer,
+                                      save_param_scheduler=self.save_param_scheduler, meta=meta,
+                                      by_epoch=by_epoch, backend_args=self.backend_args, **self.args)
+        finally:
+            self._rng_states = self._data_states = None
+            self._validation_due = False
+        if _world()[0] == 0:
+            atomic_write_text(osp.join(runner.work_dir, POINTER), osp.relpath(final, runner.work_dir))
+        self._last_write = (time.monotonic(), runner.iter + 1)
+        return final
+
+    def _atomic_save(self, runner, save, out_dir: str, filename: str, **kwargs) -> str:
+        """``save`` (``runner.save_checkpoint``) into a temporary file, fsynced and renamed:
+        ``filename`` only ever appears complete. A failed write (a full disk) removes the partial
+        file and says what is intact."""
+        final = self.file_backend.join_path(out_dir, filename)
+        tmp_name = f".{filename}.tmp-{os.getpid()}"
+        tmp = self.file_backend.join_path(out_dir, tmp_name)
+        try:
+            save(out_dir, tmp_name, **kwargs)
+            if _world()[0] == 0:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+                _fsync_dir(out_dir)
+        except OSError as err:
+            if osp.exists(tmp):
+                os.remove(tmp)
+            try:
+                intact = find_resumable_checkpoint(runner.work_dir, logger="silent")
+            except CheckpointError:
+                intact = None
+            raise OSError(err.errno, f"could not write checkpoint {final}: {err.strerror or err}; nothing was "
+                                     f"lost: {intact or 'no earlier checkpoint'} is intact and --resume continues "
+                                     "from it once the problem (e.g. a full disk) is fixed") from err
+        return final
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:  # mmengine_api.BEST_WRITER
+        """MMEngine's save_best, its writes atomic and the previous best removed only after the new one."""
+        if not self.save_best or not isinstance(self.file_backend, LocalBackend):
+            return super()._save_best_checkpoint(runner, metrics)
+        removed: list[str] = []
+        save = mmengine_api.override(runner, "save_checkpoint", lambda out_dir, filename, **kwargs:
+                                     self._atomic_save(runner, save, out_dir, filename, **kwargs))
+        backend_remove = mmengine_api.override(self.file_backend, "remove", removed.append)
+        try:
+            super()._save_best_checkpoint(runner, metrics)
+        finally:
+            mmengine_api.restore(runner, "save_checkpoint")
+            mmengine_api.restore(self.file_backend, "remove")
+        for path in removed:
+            if osp.abspath(path) != osp.abspath(self.best_ckpt_path or "") and osp.isfile(path):
+                backend_remove(path)
+
+    def after_val_epoch(self, runner, metrics) -> None:
+        super().after_val_epoch(runner, metrics)
+        if _world()[0] == 0 and osp.isdir(runner.work_dir):  # this validation is done: a resume need not redo it
+            atomic_write_text(osp.join(runner.work_dir, VALIDATED), str(runner.iter))
+
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        sampler = getattr(runner.train_dataloader, "sampler", None)
+        sampler = real_sampler(runner.train_dataloader)
         checkpoint["meta"][RNG_KEY] = dict(ranks=self._rng_states or [rng_state()],
                                            sampler_seed=getattr(sampler, "seed", None))
+        if self._data_states is not None:
+            checkpoint["meta"][DATA_KEY] = dict(ranks=self._data_states)
+        if self._validation_due:
+            checkpoint["meta"][VALIDATION_KEY] = True
         checkpoint["meta"][DIGEST_KEY] = tensor_digest(checkpoint)
+
+
+def _gather(value) -> list:
+    """``value`` of every process, by rank (a collective in data-parallel runs)."""
+    world = _world()[1]
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def read_validated(work_dir: str) -> int:
+    """The iteration after which the last validation of the run in ``work_dir`` finished (-1: none)."""
+    try:
+        with open(osp.join(work_dir, VALIDATED)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return -1
 
 
 def _refuse_nonfinite(runner) -> None:

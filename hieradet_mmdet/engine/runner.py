@@ -20,6 +20,11 @@ from ..weights.reader import allow_mmengine_types, load_file
 from .checkpointing import verify_checkpoint
 from .distributed import data_parallel_config
 
+# MMEngine's training loops -> the ones that resume inside an epoch without reloading data (.loops)
+RESUMABLE_LOOP_TYPES = {"EpochBasedTrainLoop": "ResumableEpochBasedTrainLoop",
+                        "mmengine.EpochBasedTrainLoop": "ResumableEpochBasedTrainLoop",
+                        "IterBasedTrainLoop": "ResumableIterBasedTrainLoop",
+                        "mmengine.IterBasedTrainLoop": "ResumableIterBasedTrainLoop"}
 CHECKED_TYPES = {"LoadImageFromFile": "CheckedLoadImageFromFile", "mmdet.LoadImageFromFile": "CheckedLoadImageFromFile",
                  "mmcv.LoadImageFromFile": "CheckedLoadImageFromFile", "CocoDataset": "CheckedCocoDataset",
                  "mmdet.CocoDataset": "CheckedCocoDataset"}
@@ -68,6 +73,9 @@ def prepare_config(cfg, launcher: str = "none", dist_timeout_s: Optional[float] 
     hooks = list(cfg.get("custom_hooks") or [])
     present = {h.get("type") for h in hooks}
     cfg.custom_hooks = hooks + [dict(type=t) for t in wanted if t not in present]
+    train_cfg = cfg.get("train_cfg")
+    if train_cfg is not None and train_cfg.get("type") in RESUMABLE_LOOP_TYPES:
+        train_cfg["type"] = RESUMABLE_LOOP_TYPES[train_cfg["type"]]
     checkpoint = (cfg.get("default_hooks") or {}).get("checkpoint")
     if checkpoint is not None and checkpoint.get("type") in ("CheckpointHook", "mmengine.CheckpointHook"):
         checkpoint["type"] = "SafeCheckpointHook"
