@@ -13,19 +13,14 @@ from typing import Optional
 import numpy as np
 import torch
 
+from hieradet_mmdet.reference import birder_features, noise_bound, ours_from_birder, rel_err  # noqa: F401
+from hieradet_mmdet.reference import make_birder as make_birder_model  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 PUBLISHED = "hieradet_d_small_dino-v2-imagenet12k"
 
-# ---- numbers ----------------------------------------------------------------------------------
-
-
-def rel_err(a, b) -> float:
-    """max |a - b| / max |b| (in float64)."""
-    a, b = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a), \
-        torch.as_tensor(np.asarray(b) if not torch.is_tensor(b) else b)
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+# ---- numbers (rel_err and birder, the reference: hieradet_mmdet.reference) -------------------
 
 
 def assert_close_rel(ours, ref, tol=1e-5):
@@ -46,43 +41,14 @@ def assert_fp32_within_reference_noise(ours, ref, truth, factor=4.0, floor=1e-6)
     for i, (a, r, t) in enumerate(zip(ours, ref, truth)):
         assert a.shape == r.shape == t.shape, i
         err, noise = rel_err(a, t), rel_err(r, t)
-        assert err <= factor * noise + floor, (i, err, noise)
+        assert err <= noise_bound(noise, factor, floor), (i, err, noise)
 
 
-# ---- birder, the reference --------------------------------------------------------------------
+# ---- birder checkpoints and test images -------------------------------------------------------
 
 CHECKPOINT_SIZE = 64  # the input size the classifier checkpoints are saved with (birder's signature)
 CLASS_TO_IDX = {"Eurasian jay": 0, "Common chaffinch": 1, "Great tit": 2, "Eurasian wren": 3,
                 "Hooded crow": 4, "White wagtail": 5, "Common kingfisher": 6}
-
-
-def make_birder_model(name: str = "hieradet_d_small", num_classes: int = 10, size: int = 256, seed: int = 0):
-    """A birder HieraDet with random, perturbed weights (biases and norms away from their init)."""
-    from birder.model_registry import registry
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = registry.net_factory(name, num_classes, size=(size, size)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
-
-
-def ours_from_birder(birder_model, arch, **kwargs):
-    """Our trunk with a birder model's weights."""
-    from hieradet_mmdet.models import HieraDet
-    from hieradet_mmdet.weights.convert import birder_to_ours
-
-    model = HieraDet(arch, **kwargs).eval()
-    state = {k: v for k, v in birder_to_ours(birder_model.state_dict()).items() if not k.startswith(("norm.", "head."))}
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def birder_features(model, x):
-    return list(model.detection_features(x).values())
 
 
 def save_birder_checkpoints(model, network_name: str, directory, rgb_stats) -> dict:

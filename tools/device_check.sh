@@ -22,6 +22,8 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# The package from this working tree: a bare GPU machine has the tree, not an installed package.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 PY="${PYTHON:-python3}"
 WHEELS="${DEVICE_CHECK_WHEELS:-$ROOT/.whl}"
@@ -49,7 +51,7 @@ done
 # What the GPU machine's image lacks (Python 3.12, torch 2.11, numpy, scipy, opencv, matplotlib,
 # rich, scikit-learn, safetensors, torchvision... are there), at the versions this project tests.
 # setuptools<81: mmcv's setup.py imports pkg_resources. polars (54 MB, birder's result tables) is
-# not carried: device_check.py stands in for it, as the check never makes a table with it.
+# not carried: hieradet_mmdet.reference stands in for it, as the check never makes a table with it.
 DEVICE_PYTHON="${DEVICE_PYTHON:-3.12}"
 WHEEL_PINS=(mmengine==0.10.7 mmdet==3.3.0 birder==0.8.4 addict==2.4.0 yapf==0.43.0 platformdirs==4.14.8
             termcolor==3.3.0 terminaltables==3.1.10 pycocotools==2.0.11 shapely==2.2.0 webdataset==1.0.2

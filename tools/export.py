@@ -108,7 +108,7 @@ def export_classifier(args) -> dict:
     import torch
 
     from hieradet_mmdet.export.graphs import ClassifierGraph
-    from hieradet_mmdet.export.exporting import relative_error
+    from hieradet_mmdet.reference import rel_err as relative_error
     from hieradet_mmdet.models.classifier import HieraDetClassifier
 
     classifier = HieraDetClassifier.from_checkpoint(args.classifier, args.arch).eval()
@@ -174,7 +174,7 @@ def export_from_config(args) -> dict:
 def export_backbone(args, model, cfg) -> dict:
     import torch
 
-    from hieradet_mmdet.export.exporting import relative_error
+    from hieradet_mmdet.reference import rel_err as relative_error
 
     backbone = model.backbone.eval()
     example = (synthetic_batch(model, cfg, [(480, 640)])[0],)

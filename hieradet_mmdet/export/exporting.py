@@ -84,10 +84,3 @@ def onnx_session(path: Path, threads: int = 0):
 def run_onnx(session, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
 
-
-def relative_error(ours, reference) -> float:
-    """max |ours - reference| / max |reference|, in float64."""
-    ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    if reference.size == 0:
-        return 0.0 if ours.size == 0 else float("inf")
-    return float(np.abs(ours - reference).max() / max(np.abs(reference).max(), 1e-300))

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from benchmarks.cases import narrow_detector_config
 from helpers import assert_trains_and_predicts, build_detector, load_config, synthetic_batch
+from hieradet_mmdet.benchmark.cases import narrow_detector_config
 from hieradet_mmdet.engine import amp
 
 

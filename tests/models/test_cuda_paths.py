@@ -6,11 +6,10 @@ fails here as it would on CUDA. (The numbers on CUDA: tools/device_check.sh.)"""
 import pytest
 import torch
 
+from hieradet_mmdet.benchmark.parity import plan_tensors
 from hieradet_mmdet.models import HieraDet
 from hieradet_mmdet.models import fast_path, fused_linear
 from hieradet_mmdet.models import hieradet as reference_path
-
-import device_check
 
 
 @pytest.fixture
@@ -54,7 +53,7 @@ def test_plans_are_cached_per_device_with_their_indices_on_it():
     for device in ("cpu", "meta"):
         plan = model.plans.get(model.blocks, 24, 32, torch.device(device))
         assert any(step.to_windows is not None for step in plan)
-        tensors = list(device_check.plan_tensors(plan))
+        tensors = list(plan_tensors(plan))
         assert len(tensors) > 30 and {t.device.type for t in tensors} == {device}
 
 

@@ -8,11 +8,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from hieradet_mmdet.reference import (LOW_PRECISION, SEED, autocast, birder_available, birder_features, make_birder,
+                                      norm_err, ours_from_birder, rel_err, sync)
+
 from .flops import count_flops
 from .memory import PeakMemory
+from .timing import interleaved, time_steps, warm_up
 
 REPO = Path(__file__).resolve().parents[2]
-SEED = 0
 
 MODELS: dict[str, dict[str, Any]] = {
     "hieradet_small": dict(kind="ours", arch="small"),
@@ -27,42 +30,16 @@ DTYPES = ("fp32", "bf16")
 HIERADET_DETECTOR_CONFIG = REPO / "configs" / "maskrcnn_hieradet_s.py"
 
 
-def birder_available() -> tuple[bool, str]:
-    try:
-        import birder.model_registry  # noqa: F401
-        return True, ""
-    except Exception as err:  # ImportError or a broken install
-        return False, f"birder not importable ({type(err).__name__}: {err})"
-
-
-def make_birder(arch: str, size: tuple[int, int]):
-    """birder's HieraDet with seeded, perturbed weights (biases / norms away from their init)."""
-    import torch
-    from birder.model_registry import registry
-
-    torch.manual_seed(SEED)
-    model = registry.net_factory(f"hieradet_{arch}", 10, size=size)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
-
-
 def make_ours(arch: str, size: tuple[int, int], with_cp: bool = False):
-    """Our trunk, with birder's weights of make_birder when birder is importable."""
+    """Our trunk, with the weights of make_birder's birder model when birder is importable."""
     import torch
+
     from hieradet_mmdet.models import HieraDet
-    from hieradet_mmdet.weights.convert import birder_to_ours
 
     torch.manual_seed(SEED)
-    model = HieraDet(arch, with_cp=with_cp)
-    ok, _ = birder_available()
-    if ok:
-        ref = make_birder(arch, size)
-        state = birder_to_ours(ref.state_dict())
-        model.load_state_dict({k: v for k, v in state.items() if not k.startswith(("norm.", "head."))})
-        del ref
-    return model
+    if not birder_available()[0]:
+        return HieraDet(arch, with_cp=with_cp)
+    return ours_from_birder(make_birder(f"hieradet_{arch}", size=size), arch, with_cp=with_cp)
 
 
 def _config_path(path: str) -> str:
@@ -77,9 +54,12 @@ def _config_path(path: str) -> str:
     return path
 
 
-def _mmdet_config(name: str, arch: Optional[str], with_cp: bool, config: Optional[str] = None):
+def detector_config(name: str, with_cp: bool = False, config: Optional[str] = None):
+    """The Mask R-CNN config of a model of MODELS (ours: ``config``, by default
+    configs/maskrcnn_hieradet_s.py, with the model's arch), without pretrained weights."""
     from mmengine.config import Config
 
+    arch = MODELS[name].get("arch")
     if MODELS[name]["kind"] == "ours":
         if config or HIERADET_DETECTOR_CONFIG.exists():
             cfg = Config.fromfile(str(config or HIERADET_DETECTOR_CONFIG))
@@ -136,11 +116,14 @@ def narrow_detector_config(cfg, width: int = 32):
     return cfg
 
 
-def _register_mmdet():
+def register_mmdet():
+    """MMDetection's modules and ours in its registries (also when ``hieradet_mmdet`` was imported
+    before MMDetection was importable, as on a GPU machine whose mmcv was built meanwhile)."""
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=True)
-    import hieradet_mmdet  # noqa: F401  (registers type='HieraDet')
+    import hieradet_mmdet.engine  # noqa: F401  (the wrappers, constructor, transform, hook)
+    import hieradet_mmdet.models.backbone  # noqa: F401  (type='HieraDet')
 
 
 def build_backbone(name: str, size: tuple[int, int], with_cp: bool):
@@ -155,27 +138,30 @@ def build_backbone(name: str, size: tuple[int, int], with_cp: bool):
             raise Skip(why)
         if with_cp:
             raise Skip("birder's detection_features has no activation checkpointing")
-        model = make_birder(spec["arch"], size)
-        return model, lambda x: tuple(model.detection_features(x).values())
-    _register_mmdet()
+        model = make_birder(f"hieradet_{spec['arch']}", size=size)
+        return model, lambda x: birder_features(model, x)
+    register_mmdet()
     import torch
     from mmdet.registry import MODELS as REGISTRY
 
     torch.manual_seed(SEED)
-    model = REGISTRY.build(_mmdet_config(name, None, with_cp).model.backbone)
+    model = REGISTRY.build(detector_config(name, with_cp).model.backbone)
     return model, model
 
 
-def build_detector(name: str, with_cp: bool, heads: str = "neutral", config: Optional[str] = None):
+def case_detector(name: str, with_cp: bool = False, heads: str = "neutral", config: Optional[str] = None,
+                  cfg=None):
+    """A detector of MODELS with random weights (seeded): ``heads`` 'neutral' (neutral_heads) or
+    'random'; ``cfg``: this config instead of detector_config's."""
     spec = MODELS[name]
     if spec["kind"] == "birder":
         raise Skip("birder's HieraDet has no MMDetection detector; see hieradet_small")
-    _register_mmdet()
+    register_mmdet()
     import torch
     from mmdet.registry import MODELS as REGISTRY
 
     torch.manual_seed(SEED)
-    cfg = _mmdet_config(name, spec.get("arch"), with_cp, config)
+    cfg = cfg if cfg is not None else detector_config(name, with_cp, config)
     if heads == "random" and cfg.model.get("test_cfg", {}).get("rcnn") is not None:
         # Random weights give few or many detections above the usual 0.05 score threshold; keep
         # every one (up to max_per_img) so that the mask head does the same work in every model.
@@ -210,34 +196,63 @@ class Skip(Exception):
 
 
 def _rel_errors(outs, refs) -> dict[str, float]:
-    max_rel, norm_rel = 0.0, 0.0
-    for a, b in zip(outs, refs):
-        a, b = a.float(), b.float()
-        max_rel = max(max_rel, ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
-        norm_rel = max(norm_rel, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
-    return {"max_rel": max_rel, "norm_rel": norm_rel}
+    pairs = list(zip(outs, refs))
+    return {"max_rel": max((rel_err(a, b) for a, b in pairs), default=0.0),
+            "norm_rel": max((norm_err(a, b) for a, b in pairs), default=0.0)}
 
 
-def _autocast(device: str, dtype: str, model=None):
-    """Autocast for a case: a backbone all of it; a detector as ``tools/train.py --amp`` and
-    ``tools/test.py --amp`` run it (hieradet_mmdet.engine.amp.autocast_detector)."""
-    import torch
-
+def detector_autocast(model, dtype: str):
+    """A detector under autocast as ``tools/train.py --amp`` and ``tools/test.py --amp`` run it
+    (hieradet_mmdet.engine.amp.autocast_detector); 'fp32': as it is."""
     if dtype == "fp32":
         return contextlib.nullcontext()
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    if model is not None:
-        from hieradet_mmdet.engine.amp import autocast_detector
+    from hieradet_mmdet.engine.amp import autocast_detector
 
-        return autocast_detector(model, low)
-    return torch.autocast(device, dtype=low)
+    return autocast_detector(model, LOW_PRECISION[dtype])
 
 
-def sync(device: str) -> None:
+def backbone_step(forward: Callable, params, x, device: str, dtype: str, training: bool) -> Callable[[], Any]:
+    """One step of a backbone: its forward without autograd, or in ``training`` forward and
+    backward of the mean of its squared outputs (the gradients dropped after it)."""
     import torch
 
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if not training:
+        def step():
+            with torch.no_grad(), autocast(device, dtype):
+                return forward(x)
+        return step
+    params = list(params)
+
+    def step():
+        with autocast(device, dtype):
+            loss = sum(o.float().pow(2).mean() for o in forward(x))
+        loss.backward()
+        for p in params:
+            p.grad = None
+    return step
+
+
+def detector_step(model, inputs, samples, dtype: str, training: bool, losses: Optional[list] = None):
+    """One step of a detector: predict without autograd, or in ``training`` forward, losses,
+    backward and an AdamW step (each loss appended to ``losses`` when given)."""
+    import torch
+
+    if not training:
+        def step():
+            with torch.no_grad(), detector_autocast(model, dtype):
+                return model(inputs, samples, mode="predict")
+        return step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with detector_autocast(model, dtype):
+            loss, _ = model.parse_losses(model(inputs, samples, mode="loss"))
+        loss.backward()
+        optimizer.step()
+        if losses is not None:
+            losses.append(loss.detach())
+    return step
 
 
 def _guarded(case: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -275,39 +290,38 @@ def run_paired(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
         def prep(case=case, holder=holder):
             holder.update(_prepare(case))
-            for _ in range(case["warmup"]):
-                holder["step"]()
-            sync(case["device"])
+            warm_up(holder["step"], case["warmup"], case["device"])
             return {"params_m": holder["params_m"]}
 
         results.append(_guarded(case, prep))
         prepared.append(holder if results[-1]["status"] == "ok" else None)
     live = [i for i, p in enumerate(prepared) if p is not None]
     for i in live:
-        results[i].update(times_ms=[], load_timed=[loadavg(), None], paired_with=[cases[j]["model"] for j in live],
+        results[i].update(load_timed=[loadavg(), None], paired_with=[cases[j]["model"] for j in live],
                           mem_kind="not measured (paired)")
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(cases[0]["threads"])
     try:
-        for _ in range(cases[0]["iters"]):
-            for i in live:
-                clock = prepared[i]["backbone_ms"]
-                if clock:
-                    clock()
-                start = time.perf_counter()
-                prepared[i]["step"]()
-                sync(cases[i]["device"])
-                results[i]["times_ms"].append((time.perf_counter() - start) * 1e3)
-                if clock:
-                    results[i].setdefault("backbone_ms", []).append(clock())
+        for i in live:  # forget the warm-up's backbone time
+            if prepared[i]["backbone_ms"]:
+                prepared[i]["backbone_ms"]()
+        times = interleaved({i: prepared[i]["step"] for i in live}, 1, cases[0]["device"], rounds=cases[0]["iters"],
+                            after_each=lambda i: _read_clock(prepared[i], results[i]))
     finally:
         torch.set_num_threads(threads)
     for i in live:
+        results[i]["times_ms"] = [t for block in times[i] for t in block]
         results[i]["load_timed"][1] = loadavg()
         results[i] = _guarded(results[i], lambda i=i: _extras(cases[i], prepared[i]))
     return results
+
+
+def _read_clock(prep: dict[str, Any], result: dict[str, Any]) -> None:
+    """After a detector's step: the milliseconds it spent in its backbone."""
+    if prep["backbone_ms"]:
+        result.setdefault("backbone_ms", []).append(prep["backbone_ms"]())
 
 
 def _prepare(case: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +335,7 @@ def _prepare(case: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(case["threads"])
     torch.manual_seed(SEED)
 
-    x = forward = None
+    x = forward = clock = None
     if mode.startswith("backbone"):
         training = mode == "backbone-train"
         model, forward = build_backbone(name, size, case["with_cp"])
@@ -331,46 +345,21 @@ def _prepare(case: dict[str, Any]) -> dict[str, Any]:
             for p in model.parameters():
                 p.requires_grad_(False)
         x = torch.randn(batch, 3, *size, device=device)
-
-        if training:
-            def step():
-                with _autocast(device, dtype):
-                    outs = forward(x)
-                    loss = sum(o.float().pow(2).mean() for o in outs)
-                loss.backward()
-                for p in model.parameters():
-                    p.grad = None
-        else:
-            def step():
-                with torch.no_grad(), _autocast(device, dtype):
-                    return forward(x)
+        step = backbone_step(forward, model.parameters(), x, device, dtype, training)
     else:
         training = mode == "detector-train"
         heads = "checkpoint" if case.get("checkpoint") else case.get("heads", "neutral")
-        model = build_detector(name, case["with_cp"], heads, case.get("config")).to(device)
+        model = case_detector(name, case["with_cp"], heads, case.get("config")).to(device)
         if case.get("checkpoint"):
             load_detector_checkpoint(model, case["checkpoint"])
         model.train(training)
         inputs, samples = detector_batch(model, batch, size, training, device, case.get("images"))
         clock = BackboneClock(model.backbone, device)
-        if training:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-
-            def step():
-                optimizer.zero_grad(set_to_none=True)
-                with _autocast(device, dtype, model):
-                    losses = model(inputs, samples, mode="loss")
-                    loss, _ = model.parse_losses(losses)
-                loss.backward()
-                optimizer.step()
-        else:
-            def step():
-                with torch.no_grad(), _autocast(device, dtype, model):
-                    return model(inputs, samples, mode="predict")
+        step = detector_step(model, inputs, samples, dtype, training)
     return dict(model=model, forward=forward, x=x, step=step, inputs=None if x is not None else inputs,
                 samples=None if x is not None else samples,
                 params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                backbone_ms=clock.take if not mode.startswith("backbone") else None)
+                backbone_ms=clock.take if clock is not None else None)
 
 
 def load_detector_checkpoint(model, path: str) -> None:
@@ -445,25 +434,13 @@ def _run_case(case: dict[str, Any]) -> dict[str, Any]:
     prep = _prepare(case)
     out: dict[str, Any] = {"params_m": prep["params_m"]}
     device, step = case["device"], prep["step"]
-    for _ in range(case["warmup"]):
-        step()
-    sync(device)
-
-    times, backbone = [], []
+    warm_up(step, case["warmup"], device)
+    if prep["backbone_ms"]:
+        prep["backbone_ms"]()  # forget the warm-up's
     load_start = loadavg()
     with PeakMemory(device) as mem:
-        for _ in range(case["iters"]):
-            if prep["backbone_ms"]:
-                prep["backbone_ms"]()  # forget the warm-up's
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - start)
-            if prep["backbone_ms"]:
-                backbone.append(prep["backbone_ms"]())
-    if backbone:
-        out["backbone_ms"] = backbone
-    out.update(times_ms=[t * 1e3 for t in times], peak_mem_mb=mem.peak / 2**20,
+        times = time_steps(step, case["iters"], device, after_each=lambda: _read_clock(prep, out))
+    out.update(times_ms=times, peak_mem_mb=mem.peak / 2**20,
                peak_delta_mb=(mem.peak - mem.base) / 2**20, mem_kind=mem.kind,
                load_timed=[load_start, loadavg()])  # 1/5/15-min load averages around the timed iterations
     out.update(_extras(case, prep))
@@ -508,7 +485,7 @@ def _accuracy(case, model, forward, x) -> dict[str, Any]:
     info: dict[str, Any] = {}
     device, dtype = case["device"], case["dtype"]
     with torch.no_grad():
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             outs = forward(x)
         if dtype != "fp32":
             info["err_vs_fp32"] = _rel_errors(outs, forward(x))
@@ -518,9 +495,9 @@ def _accuracy(case, model, forward, x) -> dict[str, Any]:
             if not ok:
                 info["parity_vs_birder"] = why
             else:
-                ref = make_birder(spec["arch"], tuple(case["size"])).to(device).eval()
-                with _autocast(device, dtype):
-                    refs = tuple(ref.detection_features(x).values())
+                ref = make_birder(f"hieradet_{spec['arch']}", size=case["size"]).to(device).eval()
+                with autocast(device, dtype):
+                    refs = birder_features(ref, x)
                 info["parity_vs_birder"] = _rel_errors(outs, refs)
     return info
 

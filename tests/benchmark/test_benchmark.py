@@ -1,22 +1,15 @@
-"""tools/benchmark.py on tiny inputs: the fields it documents, memory per isolated case, paired runs."""
+"""tools/benchmark.py (hieradet_mmdet.benchmark) on tiny inputs: the fields it documents, memory
+per isolated case, paired runs."""
 
-import importlib.util
 import json
 
 import pytest
 
-from helpers import ROOT as REPO
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from hieradet_mmdet.benchmark import cli as tool
+from hieradet_mmdet.benchmark.cases import case_detector, detection_agreement, detector_batch
 
 
 def test_benchmark_writes_the_documented_fields(tmp_path):
-    tool = load_tool()
     out = tmp_path / "bench.json"
     report = tool.main(["--models", "hieradet_small", "birder_small", "--mode", "backbone", "--dtype", "fp32",
                         "bf16", "--sizes", "64x96", "--iters", "1", "--warmup", "0", "--threads", "1",
@@ -45,10 +38,9 @@ def test_benchmark_writes_the_documented_fields(tmp_path):
 
 
 def test_isolated_case_reports_memory_of_its_own_process():
-    tool = load_tool()
     case = dict(model="hieradet_d_small", mode="backbone-train", dtype="fp32", size=[64, 64], batch=1,
                 with_cp=True, device="cpu", threads=1, iters=1, warmup=0, flops=False, accuracy=False)
-    (result,) = tool._run_isolated([case], paired=False, timeout=120)
+    (result,) = tool.run_isolated([case], paired=False, timeout=120)
     assert result["status"] == "ok", result.get("reason")
     assert result["peak_mem_mb"] > result["peak_delta_mb"] > 0
     assert "gflops" not in result
@@ -56,7 +48,6 @@ def test_isolated_case_reports_memory_of_its_own_process():
 
 def test_exact_malloc_shows_the_memory_checkpointing_saves(capsys):
     """With every tensor its own mapping the RSS peak follows live tensors: with_cp must save."""
-    tool = load_tool()
     report = tool.main(["--models", "hieradet_small", "--mode", "backbone-train", "--sizes", "256x256", "--batch",
                         "2", "--with-cp", "both", "--iters", "1", "--warmup", "1", "--threads", "1", "--no-flops",
                         "--no-accuracy", "--malloc", "exact"])
@@ -69,7 +60,6 @@ def test_exact_malloc_shows_the_memory_checkpointing_saves(capsys):
 
 
 def test_paired_runs_interleave_models_in_one_process():
-    tool = load_tool()
     report = tool.main(["--models", "hieradet_small", "hieradet_d_small", "--mode", "backbone", "--sizes", "32x64",
                         "--iters", "2", "--warmup", "0", "--threads", "1", "--no-isolate", "--paired", "--no-flops",
                         "--no-accuracy"])
@@ -81,7 +71,6 @@ def test_paired_runs_interleave_models_in_one_process():
 
 
 def test_cli_rejects_bad_sizes():
-    tool = load_tool()
     with pytest.raises(SystemExit):
         tool.build_parser().parse_args(["--sizes", "800by1344"])
 
@@ -91,11 +80,9 @@ def test_neutral_heads_give_every_backbone_the_same_boxes():
     model's RoI ops see the same proposals and the mask head the same detections."""
     import torch
 
-    from benchmarks.cases import build_detector, detector_batch
-
     results = {}
     for name in ("hieradet_small", "swin_t"):
-        model = build_detector(name, with_cp=False, heads="neutral").eval()
+        model = case_detector(name, with_cp=False, heads="neutral").eval()
         inputs, samples = detector_batch(model, 1, (128, 192), False, "cpu")
         with torch.no_grad():
             results[name] = model(inputs, samples, mode="predict")[0].pred_instances
@@ -105,7 +92,6 @@ def test_neutral_heads_give_every_backbone_the_same_boxes():
 
 
 def test_detector_cases_split_the_time_at_the_backbone():
-    tool = load_tool()
     report = tool.main(["--models", "hieradet_small", "--mode", "detector-infer", "detector-train", "--sizes",
                         "128x192", "--iters", "1", "--warmup", "0", "--threads", "1", "--no-isolate", "--no-accuracy"])
     for row in report["results"]:
@@ -115,18 +101,12 @@ def test_detector_cases_split_the_time_at_the_backbone():
         assert row["gflop_per_s"] > 0 and 0 < row["of_linear_peak"]
 
 
-def test_detection_agreement_compares_two_predictions(monkeypatch):
+def test_detection_agreement_compares_two_predictions():
     """MMDetection's predict writes into the data samples it is given and returns them; the
     reduced-precision results must be kept before the float32 call, or fp32 is compared with itself."""
-    import sys
-
     import torch
     from mmengine.structures import InstanceData
     from mmdet.structures import DetDataSample
-
-    monkeypatch.syspath_prepend(str(REPO / "tools"))
-    monkeypatch.delitem(sys.modules, "benchmarks.cases", raising=False)
-    from benchmarks.cases import detection_agreement
 
     samples = [DetDataSample()]
 

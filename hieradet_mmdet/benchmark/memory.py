@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Optional
 
+GIB = 2 ** 30
+
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:

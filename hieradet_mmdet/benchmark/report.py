@@ -1,15 +1,51 @@
-"""The benchmark's tables and comparisons, and what the machine is."""
+"""Reports: tables as text or Markdown (one renderer for every benchmark here), the JSON files,
+the benchmark's comparisons, and what the machine is."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import statistics
-import time
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
-from .cases import DTYPES, sync
+from .cases import DTYPES
+from .timing import time_steps
+
+
+# ---- tables, numbers, files -------------------------------------------------------------------
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> list[str]:
+    """The lines of a Markdown table; the columns numbered in ``right`` aligned right."""
+    rule = ["---:" if i in right else "---" for i in range(len(header))]
+    return ["| " + " | ".join(str(c) for c in cells) + " |" for cells in (header, rule, *rows)]
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """The lines of a plain-text table in aligned columns (the last one as long as it is)."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(widths[i]) if i < len(widths) else str(c) for i, c in enumerate(cells))
+
+    return [line(header), line(["-" * w for w in widths] + ["-" * len(header[-1])]), *(line(row) for row in rows)]
+
+
+def fmt(v) -> str:
+    """A number for a table: four significant digits, or powers of ten when very large or small."""
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e4:
+            return f"{v:.4g}"
+        return f"{v:.2e}"
+    return str(v)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -145,6 +181,7 @@ def _fmt_load(r: dict[str, Any]) -> str:
 
 
 def print_table(results: list[dict[str, Any]], file=None, markdown: bool = False) -> None:
+    """The benchmark's results, one row a case."""
     header = ["model", "mode", "dtype", "input", "cp", "median ms", "p90 ms", "img/s", "backbone ms", "outside ms",
               "peak MB", "delta MB", "GFLOPs", "GFLOP/s", "of linear", "load", "accuracy (max rel / norm rel)"]
     rows = []
@@ -163,37 +200,39 @@ def print_table(results: list[dict[str, Any]], file=None, markdown: bool = False
                              f"{r['gflop_per_s']:.0f}" if "gflop_per_s" in r else "",
                              f"{r['of_linear_peak']:.0%}" if "of_linear_peak" in r else "",
                              _fmt_load(r), _fmt_acc(r)])
-    if markdown:
-        print("| " + " | ".join(header) + " |", file=file)
-        print("|" + "|".join(" --- " for _ in header) + "|", file=file)
-        for row in rows:
-            print("| " + " | ".join(str(c) for c in row) + " |", file=file)
-        return
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header) - 1)]
-    line = lambda cells: "  ".join(str(c).ljust(widths[i]) if i < len(widths) else str(c) for i, c in enumerate(cells))
-    print(line(header), file=file)
-    print(line(["-" * w for w in widths] + ["-" * len(header[-1])]), file=file)
-    for row in rows:
-        print(line(row), file=file)
+    for line in (markdown_table if markdown else text_table)(header, rows):
+        print(line, file=file)
+
+
+# ---- the machine ------------------------------------------------------------------------------
+
+def _cpuinfo(key: str) -> Optional[str]:
+    """The first ``key`` line of /proc/cpuinfo (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == key), None)
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> Optional[list[str]]:
+    """The CPU's instruction-set flags (None where /proc/cpuinfo cannot say)."""
+    flags = _cpuinfo("flags")
+    return flags.split() if flags is not None else None
 
 
 def machine_info(device: str) -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = dict(cpu=cpu, cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+    info = dict(cpu=cpu_name(), cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
                 mkldnn=torch.backends.mkldnn.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability())
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    flags = cpu_flags()
+    if flags is not None:
         info["cpu_bf16_flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
-    except OSError:
-        pass
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -242,10 +281,7 @@ def gemm_gflops(device: str, threads: int, tokens: int = 8192, dim: int = 384, h
 
 
 def _timed_linear(x, w, device: str) -> float:
+    """Seconds of one product."""
     import torch.nn.functional as F
 
-    sync(device)
-    start = time.perf_counter()
-    F.linear(x, w)
-    sync(device)
-    return time.perf_counter() - start
+    return time_steps(lambda: F.linear(x, w), 1, device)[0] / 1e3

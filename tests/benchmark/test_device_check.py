@@ -1,8 +1,10 @@
-"""tools/device_check.sh / .py: the GPU check's CPU dry run end to end, and its checks catching
-broken models (a check that cannot fail would prove nothing on the GPU either)."""
+"""tools/device_check.sh (hieradet_mmdet.benchmark.device_check): the GPU check's CPU dry run end
+to end, and its checks catching broken models (a check that cannot fail would prove nothing on
+the GPU either)."""
 
-import copy
 import json
+import sys
+import time
 import zipfile
 
 import pytest
@@ -10,14 +12,17 @@ import torch
 
 from helpers import ROOT, fail_text, run_tool
 
-import device_check as dc
+from hieradet_mmdet.benchmark import device_check as dc
+from hieradet_mmdet.benchmark.detector_steps import amp_steps
+from hieradet_mmdet.benchmark.parity import check_autocast, check_parity, check_with_cp
+from hieradet_mmdet.reference import make_pair
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("device_check")
     proc = run_tool("bash", ROOT / "tools" / "device_check.sh", "--dry-run", "--out", out, timeout=600,
-                    env={"PYTHON": dc.sys.executable})
+                    env={"PYTHON": sys.executable})
     return proc, out
 
 
@@ -104,8 +109,8 @@ def test_amp_steps_follow_the_choice(speedup, monkeypatch):
 
     register_all_modules(init_default_scope=True)
     monkeypatch.setattr(amp, "bf16_speedup", lambda device="cpu": speedup)
-    ctx = dc.Context(dc.DRY_RUN, deadline=dc.time.time() + 600)
-    run = dc._amp_steps(ctx)
+    ctx = dc.Context(dc.DRY_RUN, deadline=time.time() + 600)
+    run = amp_steps(ctx)
     fast = speedup >= amp.FAST_BF16
     assert run["wrapper"] == ("AutocastOptimWrapper" if fast else "OptimWrapper")
     assert run["backbone_dtype"] == (["torch.bfloat16"] if fast else ["torch.float32"])
@@ -117,7 +122,7 @@ def test_amp_steps_follow_the_choice(speedup, monkeypatch):
 # dry run's check input); here each check meets a model with a bug it exists to catch.
 @pytest.fixture(scope="module")
 def pair():
-    ours, ref = dc.make_pair("small", (64, 96))
+    ours, ref = make_pair("small", (64, 96))
     return ours, ref, torch.randn(*dc.DRY_RUN.check_shape, generator=torch.Generator().manual_seed(1))
 
 
@@ -128,7 +133,7 @@ def test_parity_check_catches_unzeroed_window_padding(pair, monkeypatch):
 
     ours, ref, x = pair
     monkeypatch.setattr(fast_path, "zero_slots", lambda x, runs, mask: x)
-    failed = [r["name"] for r in dc._check_parity("small", ours, ref, x) if not r["ok"]]
+    failed = [r["name"] for r in check_parity("small", ours, ref, x) if not r["ok"]]
     assert any(name.startswith("float64 outputs") for name in failed)
     assert any(name.startswith("fp32 outputs") for name in failed)
     assert any(name.startswith("fp32 gradients") for name in failed)
@@ -140,10 +145,10 @@ def test_with_cp_check_catches_a_checkpoint_that_does_not_replay_the_random_stat
     mini = HieraDet(dict(depths=(1, 2, 3, 2), embed_dim=32, num_heads=1, global_pos_size=(7, 7),
                          global_att_blocks=(4,), window_spec=(8, 4, 14, 7))).eval()
     x = torch.randn(1, 3, 64, 96)
-    assert all(r["ok"] and r["bitwise_identical"] for r in dc._check_with_cp("mini", mini, x))
+    assert all(r["ok"] and r["bitwise_identical"] for r in check_with_cp("mini", mini, x))
     real = fast_path.checkpoint
     monkeypatch.setattr(fast_path, "checkpoint", lambda *a, **k: real(*a, **dict(k, preserve_rng_state=False)))
-    rows = dc._check_with_cp("mini", mini, x)
+    rows = check_with_cp("mini", mini, x)
     assert not any(r["ok"] for r in rows), rows
 
 
@@ -159,22 +164,9 @@ def test_autocast_check_catches_a_residual_stream_turned_low_precision(pair, mon
         return y.add_(residual) if not torch.is_grad_enabled() else residual + y
 
     monkeypatch.setattr(fast_path, "linear_residual", in_place)
-    rows = dc._check_autocast("small", ours, ref, x)
+    rows = check_autocast("small", ours, ref, x)
     assert not any(r["ok"] for r in rows)
     assert rows[0]["dtypes"][0] == "bfloat16" and rows[0]["birder_dtypes"][0] == "float32"
-
-
-def test_birder_imports_without_polars():
-    """The GPU machine has no polars; birder imports it for result tables the check never makes."""
-    code = ("import sys; sys.modules['polars'] = None\n"  # makes `import polars` fail, as if not installed
-            "import device_check as dc\n"
-            "registry = dc.birder_registry()\n"
-            "model = registry.net_factory('hieradet_small', 10, size=(64, 64))\n"
-            "import polars\n"
-            "try:\n    polars.DataFrame({})\nexcept RuntimeError as err:\n    print('refused:', err)\n")
-    proc = run_tool(dc.sys.executable, "-c", code, env={"PYTHONPATH": str(ROOT / "tools")})
-    assert proc.returncode == 0, fail_text(proc)
-    assert "refused: polars is not installed here" in proc.stdout
 
 
 def _tiny_wheel(directory):
@@ -196,7 +188,7 @@ def test_run_installs_the_carried_wheels_then_needs_a_gpu(tmp_path):
     _tiny_wheel(wheels)
     site = tmp_path / "site"
     proc = run_tool("bash", ROOT / "tools" / "device_check.sh", "--out", tmp_path / "out",
-                    env={"PYTHON": dc.sys.executable, "DEVICE_CHECK_WHEELS": str(wheels), "DEVICE_CHECK_SITE": str(site)})
+                    env={"PYTHON": sys.executable, "DEVICE_CHECK_WHEELS": str(wheels), "DEVICE_CHECK_SITE": str(site)})
     assert proc.returncode == 2, fail_text(proc)
     assert "installing 1 carried wheels" in proc.stdout and (site / "carried_probe.py").read_text() == "VALUE = 42\n"
     assert "no mmcv sdist" in proc.stdout
@@ -205,11 +197,11 @@ def test_run_installs_the_carried_wheels_then_needs_a_gpu(tmp_path):
 
 def test_only_runs_the_parts_asked_for(tmp_path):
     proc = run_tool("bash", ROOT / "tools" / "device_check.sh", "--dry-run", "--only", "new_size", "--out", tmp_path,
-                    env={"PYTHON": dc.sys.executable})
+                    env={"PYTHON": sys.executable})
     assert proc.returncode == 0, fail_text(proc)
     assert list(json.loads((tmp_path / "device_check.json").read_text())["parts"]) == ["machine", "new_size"]
     proc = run_tool("bash", ROOT / "tools" / "device_check.sh", "--dry-run", "--only", "check", "--out", tmp_path,
-                    env={"PYTHON": dc.sys.executable})
+                    env={"PYTHON": sys.executable})
     assert proc.returncode == 2 and "unknown parts ['check']" in proc.stderr + proc.stdout
 
 

@@ -1,0 +1,227 @@
+"""Speed, memory and FLOPs of HieraDet-S against birder's HieraDet-S, Swin-T and ResNet-50.
+
+Cases are every combination of --models x --mode x --dtype x --sizes (x --with-cp). Each
+case runs in its own Python process (unless --no-isolate), so the peak memory is the case's own:
+on CPU the peak resident set size during the timed iterations (Linux VmHWM, reset before them),
+on CUDA torch.cuda.max_memory_allocated. Both are also given as the rise above the memory
+held when the timed iterations start ("delta": activations and temporaries of one step).
+
+CPU memory and glibc: by default freed blocks stay in glibc's heap (and its mmap threshold grows
+after frees), so the RSS peak partly measures fragmentation. --malloc exact runs the cases with
+a fixed 64 KiB mmap threshold: each tensor is its own mapping, unmapped when freed, and the RSS
+peak is the live-tensor peak. Page faults make that mode slower, so take times from a default run.
+
+Modes:
+  backbone        forward of the backbone alone, no autograd
+  backbone-train  forward + backward of the backbone (loss: mean of squared outputs)
+  detector-infer  Mask R-CNN + FPN inference (mode='predict'), no autograd; the R-CNN score
+                  threshold is 0 so every model segments its 100 best detections
+  detector-train  Mask R-CNN + FPN train step: forward, losses, backward, AdamW step
+
+Models: hieradet_small / hieradet_d_small (this repo; windowed SAM2 layout / global layout),
+birder_small / birder_d_small (birder's own HieraDet-S; backbone modes only; needs birder),
+swin_t and r50 (MMDetection's SwinTransformer and ResNet-50, Mask R-CNN as in their configs).
+HieraDet models get birder's weights when birder is importable (same seed as the birder rows),
+so 'parity' is the max relative error of our outputs against birder's with the same weights;
+bf16 rows also give the error against the same model in fp32 ('err_vs_fp32').
+
+FLOPs come from torch.utils.flop_counter.FlopCounterMode over one step (matmuls, convolutions
+and attention, forward and backward; a multiply-add is two FLOPs); custom ops (mmcv RoIAlign,
+NMS) are not counted.
+
+Examples (the figures in docs/benchmarks.md):
+  .venv/bin/python tools/benchmark.py --models hieradet_small birder_small --mode backbone \\
+      --dtype fp32 bf16 --sizes 800x1344 --threads 2 --iters 10 --rounds 3 --out work_dirs/bench.json
+  .venv/bin/python tools/benchmark.py --models hieradet_small --mode backbone-train --sizes 512x512 \\
+      --batch 2 --with-cp both --threads 2 --iters 3 --malloc exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from .cases import DTYPES, MODELS, MODES, REPO, loadavg, run_case, run_paired
+from .memory import EXACT_MALLOC_ENV
+from .report import (amp_choice, comparisons, gemm_gflops, machine_info, merge_rounds, print_table, summarize_times,
+                     write_json)
+
+RESULT_TAG = "BENCHMARK_RESULT "
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 800x1344, got {text!r}") from None
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), metavar="MODEL",
+                        default=["hieradet_small", "hieradet_d_small", "birder_small", "swin_t", "r50"],
+                        help=f"any of {', '.join(MODELS)}")
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=["backbone"], metavar="MODE",
+                        help=f"any of {', '.join(MODES)}")
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["fp32"],
+                        help="fp32, or bf16 autocast (weights stay fp32)")
+    parser.add_argument("--sizes", nargs="+", type=_parse_size, default=[(800, 1344)], metavar="HxW")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--with-cp", choices=("off", "on", "both"), default="off",
+                        help="activation checkpointing in the backbone (models that have it)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per case and round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole list of cases this many times, interleaved (noisy machines)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip FLOP counting")
+    parser.add_argument("--no-accuracy", dest="accuracy", action="store_false",
+                        help="skip parity vs birder and error vs fp32")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="run cases in this process (faster; peak memory then less meaningful)")
+    parser.add_argument("--malloc", choices=("glibc", "exact"), default="glibc",
+                        help="CPU peak memory as the default glibc heap gives it (freed blocks stay resident, "
+                             "so it depends on fragmentation), or 'exact': every allocation >= 64 KiB is its "
+                             "own mapping, returned to the OS when freed, so the RSS peak is the live-tensor "
+                             "peak (slower: time such runs separately)")
+    parser.add_argument("--paired", action="store_true",
+                        help="run the models of each mode/dtype/size in one process with their iterations "
+                             "interleaved: fair time ratios on a machine whose load changes (no peak memory)")
+    parser.add_argument("--heads", choices=("neutral", "random"), default="neutral",
+                        help="detector modes: 'neutral' zeroes the heads' output layers, so that every model's "
+                             "heads get the same proposals and detections (the anchors) and do the same work; "
+                             "'random' keeps the random initialisation, whose boxes depend on the backbone")
+    parser.add_argument("--config", help="detector modes, our models: the detector config (default "
+                                         "configs/maskrcnn_hieradet_s.py)")
+    parser.add_argument("--checkpoint", help="detector modes, our models: a trained checkpoint of --config's detector "
+                                             "(bf16 rows then compare their detections with fp32's)")
+    parser.add_argument("--images", nargs="+", metavar="IMAGE",
+                        help="detector modes: these images (resized to --sizes) instead of random pixels")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="also profile one step per case with torch.profiler and write its operator table here")
+    parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds per isolated case")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: print the table and comparisons of earlier --out files")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one JSON case, print result
+    parser.add_argument("--group", help=argparse.SUPPRESS)  # internal: run JSON cases paired
+    return parser
+
+
+def make_cases(args) -> list[dict[str, Any]]:
+    cps = {"off": [False], "on": [True], "both": [False, True]}[args.with_cp]
+    cases = []
+    for size in args.sizes:
+        for mode in args.mode:
+            for name in args.models:
+                for dtype in args.dtype:
+                    for with_cp in cps:
+                        cases.append(dict(model=name, mode=mode, dtype=dtype, size=list(size), batch=args.batch,
+                                          with_cp=with_cp, device=args.device, threads=args.threads,
+                                          iters=args.iters, warmup=args.warmup, flops=args.flops,
+                                          accuracy=args.accuracy, malloc=args.malloc, heads=args.heads,
+                                          config=args.config, checkpoint=args.checkpoint, images=args.images,
+                                          profile=str(args.profile) if args.profile else None))
+    return cases
+
+
+def run_isolated(cases: list[dict[str, Any]], paired: bool, timeout: float) -> list[dict[str, Any]]:
+    """Run a case (or a paired group) in a fresh process; one result per case."""
+    threads = str(cases[0]["threads"])
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if cases[0].get("malloc") == "exact":
+        env.update(EXACT_MALLOC_ENV)
+    arg = ["--group", json.dumps(cases)] if paired else ["--case", json.dumps(cases[0])]
+    cmd = [sys.executable, "-m", "hieradet_mmdet.benchmark", *arg]  # from REPO: this package
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    except subprocess.TimeoutExpired:
+        return [dict(case, status="error", reason=f"timed out after {timeout:.0f} s") for case in cases]
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG):])
+            return result if paired else [result]
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    reason = f"case process exited with {proc.returncode}: " + " | ".join(tail)
+    return [dict(case, status="error", reason=reason) for case in cases]
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.case:
+        print(RESULT_TAG + json.dumps(run_case(json.loads(args.case))), flush=True)
+        return {}
+    if args.group:
+        print(RESULT_TAG + json.dumps(run_paired(json.loads(args.group))), flush=True)
+        return {}
+    if args.from_json:
+        reports = [json.loads(path.read_text()) for path in args.from_json]
+        results = [r for report in reports for r in report["results"]]
+        print_table(results, markdown=args.markdown)
+        for report in reports:
+            print(f"\n{report['command']}\n  load before/after {report['load_before']} / {report['load_after']}, "
+                  f"threads {report['threads']}, {report['machine']['cpu']}")
+        for line in comparisons(results):
+            print(line)
+        return dict(results=results, comparisons=comparisons(results))
+    cases = make_cases(args)
+    if args.malloc == "exact" and not args.isolate:
+        raise SystemExit("--malloc exact needs isolated cases (glibc reads it at process start); drop --no-isolate")
+    load_before = loadavg()
+    per_case: list[list[dict[str, Any]]] = [[] for _ in cases]
+    groups: dict[tuple, list[int]] = {}
+    for i, case in enumerate(cases):  # paired: the cases that differ only in the model run together
+        key = tuple(json.dumps(v) for k, v in sorted(case.items()) if k != "model") if args.paired else (i,)
+        groups.setdefault(key, []).append(i)
+    for round_index in range(args.rounds):
+        for members in groups.values():
+            group = [cases[i] for i in members]
+            if round_index:  # FLOPs and accuracy do not change between rounds
+                group = [dict(case, flops=False, accuracy=False) for case in group]
+            if args.isolate:
+                results = run_isolated(group, args.paired, args.case_timeout)
+            else:
+                results = run_paired(group) if args.paired else [run_case(group[0])]
+            for i, case, result in zip(members, group, results):
+                per_case[i].append(result)
+                label = f"[round {round_index + 1}/{args.rounds}] {case['model']} {case['mode']} {case['dtype']}"
+                status = result.get("status")
+                if status == "ok":
+                    label += f": median {statistics.median(result['times_ms']):.1f} ms"
+                else:
+                    label += f": {status} ({result.get('reason', '')[:120]})"
+                print(label, file=sys.stderr, flush=True)
+    load_after = loadavg()
+    machine = machine_info(args.device)
+    gemm = machine["gemm_gflops"] = gemm_gflops(args.device, args.threads)
+    if args.device == "cpu":
+        machine["amp"] = amp_choice()
+    results = [merge_rounds(r) for r in per_case]
+    for r in results:
+        summarize_times(r, gemm)
+    report = dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None
+                  else "tools/benchmark.py " + " ".join(shlex.quote(a) for a in argv),
+                  machine=machine, threads=args.threads, device=args.device,
+                  malloc=args.malloc, load_before=load_before, load_after=load_after, rounds=args.rounds,
+                  results=results, comparisons=comparisons(results))
+    print_table(results, markdown=args.markdown)
+    print(f"\nload average before/after: {load_before} / {report['load_after']}; threads {args.threads}; "
+          f"malloc {args.malloc}; {report['machine']['cpu']}; linear GFLOP/s fp32 {gemm['fp32']} / bf16 {gemm['bf16']}")
+    if "amp" in machine:
+        print(f"bf16 here: {machine['amp']}")
+    for line in report["comparisons"]:
+        print(line)
+    if args.out:
+        write_json(args.out, report)
+        print(f"wrote {args.out}")
+    return report

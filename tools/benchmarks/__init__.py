@@ -1,1 +1,0 @@
-"""The pieces of tools/benchmark.py: cases (models, steps, timing), memory, FLOPs, reports."""
