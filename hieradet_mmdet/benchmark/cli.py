@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="also profile one step per case with torch.profiler and write its operator table here")
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds per isolated case")
+    parser.add_argument("--resume-cost", nargs="+", type=int, metavar="K",
+                        help="run nothing else: seconds from resuming at iteration K to the first new step, the "
+                             "resumable training loop against MMEngine's replay of the trained batches "
+                             "(hieradet_mmdet.benchmark.resume_cost), e.g. --resume-cost 10 1000 100000")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
@@ -164,6 +168,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.group:
         print(RESULT_TAG + json.dumps(run_paired(json.loads(args.group))), flush=True)
         return {}
+    if args.resume_cost:
+        from . import resume_cost
+
+        rows = resume_cost.measure(args.resume_cost)
+        print(resume_cost.table(rows))
+        if args.out:
+            write_json(args.out, dict(command=" ".join(sys.argv), machine=machine_info("cpu"), resume_cost=rows))
+        return dict(resume_cost=rows)
     if args.from_json:
         reports = [json.loads(path.read_text()) for path in args.from_json]
         results = [r for report in reports for r in report["results"]]

@@ -122,3 +122,17 @@ def test_detection_agreement_compares_two_predictions():
     result = detection_agreement({}, prep)
     assert result["fp32_detections"] == result["matched"] == 1
     assert result["min_box_iou"] == pytest.approx(18 * 20 / (20 * 20))  # the 2 px shift is seen
+
+
+def test_resume_cost_compares_the_resumable_loop_with_mmengines_replay(tmp_path, capsys):
+    """What is counted, not timed: resuming at iteration k, the resumable loop loads only the batch
+    it trains next; MMEngine's loop loads the k trained batches again first."""
+    out = tmp_path / "resume.json"
+    report = tool.main(["--resume-cost", "5", "40", "--out", str(out)])
+    rows = {(r["loop"], r["k"]): r for r in report["resume_cost"]}
+    for k in (5, 40):
+        assert rows["resumable", k]["samples_loaded"] == 2
+        assert rows["mmengine", k]["samples_loaded"] == 2 * (k + 1)
+        assert rows["resumable", k]["seconds"] > 0 and rows["mmengine", k]["seconds"] > 0
+    assert json.loads(out.read_text())["resume_cost"] == json.loads(json.dumps(report["resume_cost"]))
+    assert "| 40 |" in capsys.readouterr().out
