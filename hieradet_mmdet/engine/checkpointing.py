@@ -384,7 +384,8 @@ class SafeCheckpointHook(CheckpointHook):
             self._validation_due = False
         if _world()[0] == 0:
             atomic_write_text(osp.join(runner.work_dir, POINTER), osp.relpath(final, runner.work_dir))
-        self._last_write = (time.monotonic(), runner.iter + 1)
+        # iterations trained when it was written (after_train_epoch runs after the epoch's last count-up)
+        self._last_write = (time.monotonic(), runner.iter if epoch_end else runner.iter + 1)
         return final
 
     def _atomic_save(self, runner, save, out_dir: str, filename: str, **kwargs) -> str:

@@ -26,10 +26,11 @@ from mmengine.logging import print_log
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 
 from .. import mmengine_adapter as mmengine_api
+from ..weights.errors import CheckpointError
 from .resumable_data import ResumableBatchSampler, preserved_randomness, real_sampler, resumable_dataloader_config
 
 
-class InexactResumeError(RuntimeError):
+class InexactResumeError(CheckpointError):
     """The checkpoint's data layout (processes x batch size) differs from this run's."""
 
 
