@@ -65,8 +65,10 @@ def main(argv=None) -> int:
     from mmengine.config import Config
 
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
-    from hieradet_mmdet.engine.runner import build_runner, check_checkpoint, checkpoint_mismatch, prepare_config
+    from hieradet_mmdet.engine.runner import build_runner, prepare_config
     from hieradet_mmdet.weights import CheckpointError
+    from hieradet_mmdet.weights.digest import check_checkpoint
+    from hieradet_mmdet.weights.fit import checkpoint_mismatch
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)

@@ -60,8 +60,9 @@ def main(argv=None) -> int:
     from hieradet_mmdet.engine.checkpointing import find_resumable_checkpoint
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
     from hieradet_mmdet.engine.finite_loss import NonFiniteLossError
-    from hieradet_mmdet.engine.runner import build_runner, check_checkpoint, prepare_config
+    from hieradet_mmdet.engine.runner import build_runner, prepare_config
     from hieradet_mmdet.weights import CheckpointError
+    from hieradet_mmdet.weights.digest import check_checkpoint
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)

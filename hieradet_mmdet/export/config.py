@@ -3,12 +3,9 @@ strictly), and what a deployed model needs to know from the config (preprocessin
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
-
-from ..weights.errors import CheckpointError
 
 # Test-pipeline steps that do not change the pixels the model sees.
 PASSIVE_STEPS = {"LoadImageFromFile", "LoadImageFromNDArray", "LoadAnnotations", "PackDetInputs",
@@ -38,8 +35,8 @@ def build_detector(cfg, checkpoint: Optional[str]) -> tuple[torch.nn.Module, dic
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
-    from ..engine.runner import check_checkpoint, checkpoint_mismatch
-    from ..weights.reader import load_file
+    from ..weights.digest import check_checkpoint
+    from ..weights.fit import load_whole_model
 
     register_all_modules(init_default_scope=False)
     init_default_scope(cfg.get("default_scope", "mmdet"))
@@ -50,14 +47,8 @@ def build_detector(cfg, checkpoint: Optional[str]) -> tuple[torch.nn.Module, dic
             cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone
     model = MODELS.build(cfg.model)
     if checkpoint:
-        mismatch = checkpoint_mismatch(model, checkpoint)
-        if mismatch:
-            raise CheckpointError(f"{checkpoint} does not fit the detector of the config:\n{mismatch}")
-        content, _ = load_file(os.path.expanduser(checkpoint))
-        state = content.get("state_dict", content)
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        model.load_state_dict(state, strict=True)
-        dataset_meta = dict((content.get("meta") or {}).get("dataset_meta") or {})
+        meta = load_whole_model(model, checkpoint, "the detector of the config")
+        dataset_meta = dict(meta.get("dataset_meta") or {})
     else:
         _quiet_init_weights(model)
     model.cfg = cfg

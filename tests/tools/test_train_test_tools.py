@@ -207,7 +207,7 @@ def _variants(ckpt: dict) -> dict:
 def test_checkpoints_that_do_not_fit_the_detector_are_described(trained, tiny, tmp_path):
     from mmengine.config import Config
 
-    from hieradet_mmdet.engine.runner import checkpoint_mismatch
+    from hieradet_mmdet.weights.fit import checkpoint_mismatch
 
     config, _ = tiny
     model = build_detector(Config.fromfile(str(config)))
