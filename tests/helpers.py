@@ -132,9 +132,10 @@ IMAGE_SIZES = ((64, 96), (96, 64))  # (h, w); small keeps a two-stage step aroun
 
 
 def load_config(name: str):
-    from mmengine.config import Config
+    """A config of configs/ by its name there, as the tools load it."""
+    from hieradet_mmdet.detectors import load_config as load
 
-    return Config.fromfile(str(CONFIGS / name))
+    return load(str(CONFIGS / name))
 
 
 def shrink_two_stage(cfg) -> None:
@@ -149,20 +150,15 @@ def shrink_two_stage(cfg) -> None:
         te.rpn.update(FAST_RPN_PROPOSALS)
 
 
-def build_detector(cfg, seed: int = 0):
-    """The config's detector on CPU with random backbone weights (no checkpoint in tests)."""
-    from mmengine.registry import init_default_scope
+def random_detector(cfg, seed: int = 0):
+    """The config's detector on CPU with random weights (no checkpoint in tests; ``seed``), few
+    proposals and RoI samples (:func:`shrink_two_stage`), in training mode as MMDetection builds it."""
+    from hieradet_mmdet.detectors import build_detector
 
-    import hieradet_mmdet  # noqa: F401  (what custom_imports does in the tools)
-    from mmdet.registry import MODELS
-
-    init_default_scope(cfg.get("default_scope", "mmdet"))
     cfg.model.backbone.init_cfg = None
     shrink_two_stage(cfg)
     torch.manual_seed(seed)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model
+    return build_detector(cfg).train()
 
 
 def synthetic_batch(sizes=IMAGE_SIZES, with_mask=True, seed=0):

@@ -148,10 +148,11 @@ def export_classifier(args) -> dict:
 
 
 def export_from_config(args) -> dict:
-    from hieradet_mmdet.export.config import build_detector, class_names, detector_preprocess, load_config
+    from hieradet_mmdet.detectors import build_detector, load_config
+    from hieradet_mmdet.export.config import class_names, detector_preprocess
 
     cfg = load_config(args.config, args.cfg_options)
-    model, dataset_meta = build_detector(cfg, args.checkpoint)
+    model = build_detector(cfg, args.checkpoint)
     if not args.checkpoint:
         init = cfg.model.get("backbone", {}).get("init_cfg")
         weights = f"the weights of its init_cfg ({init.get('checkpoint')})" if init else "random weights"
@@ -166,7 +167,7 @@ def export_from_config(args) -> dict:
     else:
         report = export_detector(args, model, cfg)
     report["metadata"]["preprocess"] = preprocess
-    report["metadata"]["classes"] = [] if args.backbone_only else class_names(cfg, model, dataset_meta)
+    report["metadata"]["classes"] = [] if args.backbone_only else class_names(cfg, model)
     report["metadata"]["source"] = {"config": args.config, "checkpoint": args.checkpoint}
     return report
 

@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     enforce_safe_loading()  # before anything can call torch.load
 
     import torch
-    from mmengine.config import Config
 
+    from hieradet_mmdet.detectors import load_config, register_modules, set_work_dir
     from hieradet_mmdet.engine.amp import use_mixed_precision
     from hieradet_mmdet.engine.checkpointing import find_resumable_checkpoint
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
@@ -63,15 +63,9 @@ def main(argv=None) -> int:
     from hieradet_mmdet.engine.runner import build_runner, prepare_config
     from hieradet_mmdet.weights import CheckpointError
     from hieradet_mmdet.weights.digest import check_checkpoint
-    from mmdet.utils import register_all_modules
 
-    register_all_modules(init_default_scope=False)
-
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.setdefault("default_scope", "mmdet")
-    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    register_modules()
+    cfg = set_work_dir(load_config(args.config, args.cfg_options), args.config, args.work_dir)
 
     if args.amp:
         print(use_mixed_precision(cfg.optim_wrapper, torch.cuda.is_available()))

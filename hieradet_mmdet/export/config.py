@@ -1,5 +1,5 @@
-"""MMDetection glue for export: a detector from a config and a checkpoint (read weights-only and
-strictly), and what a deployed model needs to know from the config (preprocessing, classes)."""
+"""MMDetection glue for export: what a deployed model needs to know from the config and the
+detector (preprocessing, classes, the test settings the graph bakes in)."""
 
 from __future__ import annotations
 
@@ -10,62 +10,6 @@ import torch
 # Test-pipeline steps that do not change the pixels the model sees.
 PASSIVE_STEPS = {"LoadImageFromFile", "LoadImageFromNDArray", "LoadAnnotations", "PackDetInputs",
                  "CheckedLoadImageFromFile"}
-
-
-def load_config(path: str, cfg_options: Optional[dict] = None):
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    cfg.setdefault("default_scope", "mmdet")
-    return cfg
-
-
-def build_detector(cfg, checkpoint: Optional[str]) -> tuple[torch.nn.Module, dict]:
-    """The config's detector on the CPU in eval mode, and the checkpoint's ``dataset_meta``.
-
-    With a checkpoint, its state dict must fit the detector exactly (else CheckpointError saying
-    what is missing or unexpected); the backbone's ``init_cfg`` is then not loaded. Without one,
-    the model's ``init_weights`` runs (e.g. the published backbone weights) and the heads keep
-    their random initial values."""
-    from mmengine.registry import init_default_scope
-
-    import hieradet_mmdet  # noqa: F401  (registers the backbone)
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-
-    from ..weights.digest import check_checkpoint
-    from ..weights.fit import load_whole_model
-
-    register_all_modules(init_default_scope=False)
-    init_default_scope(cfg.get("default_scope", "mmdet"))
-    dataset_meta: dict = {}
-    if checkpoint:
-        check_checkpoint(checkpoint)
-        if cfg.model.get("backbone", {}).get("init_cfg") is not None:
-            cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone
-    model = MODELS.build(cfg.model)
-    if checkpoint:
-        meta = load_whole_model(model, checkpoint, "the detector of the config")
-        dataset_meta = dict(meta.get("dataset_meta") or {})
-    else:
-        _quiet_init_weights(model)
-    model.cfg = cfg
-    return model.eval(), dataset_meta
-
-
-def _quiet_init_weights(model) -> None:
-    """init_weights without MMEngine's INFO line for every parameter."""
-    from mmengine.logging import MMLogger
-
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel("WARNING")
-    try:
-        model.init_weights()
-    finally:
-        logger.setLevel(level)
 
 
 def detector_preprocess(cfg, model) -> tuple[dict, list[str]]:
@@ -95,12 +39,13 @@ def detector_preprocess(cfg, model) -> tuple[dict, list[str]]:
     return described, left_out
 
 
-def class_names(cfg, model, dataset_meta: dict) -> list[str]:
-    """The checkpoint's classes, else the config's dataset metainfo, else its dataset's defaults."""
+def class_names(cfg, model) -> list[str]:
+    """The checkpoint's classes (``model.dataset_meta``), else the config's dataset metainfo, else
+    its dataset's defaults."""
     from mmdet.registry import DATASETS
 
     num_classes = _num_classes(model)
-    candidates = [dataset_meta.get("classes")]
+    candidates = [(getattr(model, "dataset_meta", None) or {}).get("classes")]
     dataset = cfg.get("test_dataloader", {}).get("dataset", {})
     while "dataset" in dataset:
         dataset = dataset["dataset"]

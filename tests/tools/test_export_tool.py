@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import build_detector, fail_text, load_config, run_tool
+from helpers import fail_text, load_config, random_detector, run_tool
 
 SIZE = 256  # the configs' test scale
 IMAGE_SIZES = ((220, 300), (330, 200))  # (h, w) of the test images: landscape and portrait
@@ -82,7 +82,7 @@ def make_detector(family: str, directory: Path, data_root: Path) -> tuple[Path, 
     config = directory / f"{family}.py"
     cfg.dump(str(config))
 
-    model = build_detector(cfg, seed=1)
+    model = random_detector(cfg, seed=1)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.parameters():
@@ -196,13 +196,13 @@ def export_in_process(config: Path, checkpoint: Path, model_path: Path) -> Path:
     """The ONNX file and JSON of tools/export.py, without its subprocess and its self-check."""
     from export import synthetic_batch
 
-    from hieradet_mmdet.export.config import build_detector as build_for_export
-    from hieradet_mmdet.export.config import detector_preprocess, load_config as load_for_export, test_settings
+    from hieradet_mmdet.detectors import build_detector, load_config as load_for_export
+    from hieradet_mmdet.export.config import detector_preprocess, test_settings
     from hieradet_mmdet.export.detector import exportable_detector, output_names
     from hieradet_mmdet.export.exporting import export_onnx
 
     cfg = load_for_export(str(config))
-    model, _ = build_for_export(cfg, str(checkpoint))
+    model = build_detector(cfg, str(checkpoint))
     graph = exportable_detector(model)
     export_onnx(graph, synthetic_batch(model, cfg, [(480, 640)]), model_path, ["input", "img_shape"],
                 output_names(graph), {"input": {0: "N", 2: "H", 3: "W"}, "img_shape": {0: "N"}})
@@ -215,14 +215,13 @@ def export_in_process(config: Path, checkpoint: Path, model_path: Path) -> Path:
 def test_padded_batch_of_two_equals_mmdetection_predict(mask_rcnn, data):
     """Two images of different sizes in one padded batch: each image's rows equal MMDetection's
     predict on that batch (img_shape clips each image's boxes to its own extent)."""
-    from hieradet_mmdet.export.config import build_detector as build_for_export
-    from hieradet_mmdet.export.config import load_config as load_for_export
+    from hieradet_mmdet.detectors import build_detector, load_config as load_for_export
     from hieradet_mmdet.export.exporting import onnx_session
     from hieradet_mmdet.export.runtime import load_image, prepare, read_metadata
 
     config, checkpoint, model_path, _ = mask_rcnn
     cfg = load_for_export(str(config))
-    model, _ = build_for_export(cfg, str(checkpoint))
+    model = build_detector(cfg, str(checkpoint))
     from export import prepared_batch
 
     images = [load_image(p) for p in data[1]]
