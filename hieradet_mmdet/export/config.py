@@ -1,5 +1,6 @@
 """MMDetection glue for export: what a deployed model needs to know from the config and the
-detector (preprocessing, classes, the test settings the graph bakes in)."""
+detector (preprocessing, classes, the test settings the graph bakes in), and images made into a
+batch as the config's test pipeline and data preprocessor make them."""
 
 from __future__ import annotations
 
@@ -73,3 +74,19 @@ def test_settings(model) -> dict:
                 "mask_thr_binary": float(cfg.get("mask_thr_binary", 0.5))}
     cfg = model.bbox_head.test_cfg
     return {"score_thr": float(cfg.get("score_thr", 0.0)), "max_per_img": int(cfg.get("max_per_img", 100))}
+
+
+def prepared_batch(model, cfg, images):
+    """BGR images through the config's test pipeline and the data preprocessor, as
+    inference_detector does: (inputs, img_shape (N, 2) int64, data samples)."""
+    from mmdet.utils import get_test_pipeline_cfg
+    from mmengine.dataset import Compose
+
+    steps = get_test_pipeline_cfg(cfg.copy())
+    steps[0].type = "mmdet.LoadImageFromNDArray"
+    pipeline = Compose(steps)
+    items = [pipeline(dict(img=image, img_id=i)) for i, image in enumerate(images)]
+    batch = model.data_preprocessor(dict(inputs=[d["inputs"] for d in items],
+                                         data_samples=[d["data_samples"] for d in items]), False)
+    shapes = torch.tensor([s.metainfo["img_shape"] for s in batch["data_samples"]], dtype=torch.long)
+    return batch["inputs"], shapes, batch["data_samples"]
