@@ -42,7 +42,7 @@ FAMILIES = {  # config, overrides, test score threshold (real, varied detections
 def write_data(root: Path) -> tuple[Path, list[Path]]:
     """The synthetic dataset the detectors are configured for under ``root``/data, and two test
     images of IMAGE_SIZES cut from its validation images: (root, image paths)."""
-    import synthetic_coco
+    from hieradet_mmdet.demo import synthetic_coco
 
     synthetic_coco.generate(str(root / "data"), num_train=1, num_val=2, size=SIZE, seed=3)
     images = []
@@ -56,7 +56,7 @@ def write_data(root: Path) -> tuple[Path, list[Path]]:
 def make_detector(family: str, directory: Path, data_root: Path) -> tuple[Path, Path]:
     """A narrow config of ``family`` on the synthetic dataset and a checkpoint of perturbed
     random weights for it (an MMEngine checkpoint with the dataset's classes)."""
-    import synthetic_coco
+    from hieradet_mmdet.demo import synthetic_coco
 
     base, overrides, score_thr = FAMILIES[family]
     cfg = load_config(base)

@@ -292,10 +292,8 @@ def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base:
     restarts the data loader."""
     if num_train is None:
         num_train = max(4, 2 * iters)
-    import synthetic_coco
-    from demo import small_run_overrides
-
-    import hieradet_mmdet  # noqa: F401
+    from hieradet_mmdet.demo import synthetic_coco
+    from hieradet_mmdet.demo.small_run import small_run_overrides
 
     data = directory / "data"
     synthetic_coco.generate(str(data), num_train=num_train, num_val=num_val, size=size, seed=1)

@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import os.path as osp
 import sys
-
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 
 def parse_args(argv=None):
