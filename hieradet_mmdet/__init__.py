@@ -9,11 +9,16 @@ MMDetection names here (``HieraDetBackbone``, ``check_detector``) then raise an 
 says what to install.
 
     archs.py      sizes and layouts as plain data
-    weights/      published weights, checkpoint reading and key conversion, loading into a model
+    weights/      published weights, checkpoint reading and key conversion, loading into a model,
+                  tensor digests, whether a checkpoint fits a whole detector
     models/       the trunk (reference and fast path), the classifier, the registered backbone
-    engine/       MMEngine / MMDetection integration
+    engine/       MMEngine / MMDetection integration (training)
+    detectors.py  configs and the detectors built from them, for the tools, export and tests
     export/       ONNX and torch.export programs, and running them without MMDetection
-"""
+    demo/         the demo: its dataset, short training runs, feature pictures, fault injection
+
+Each imports only from the lines above it (engine/, detectors.py and export/ side by side; export/
+never imports engine/)."""
 
 from .archs import ARCH_NAMES
 from .models.hieradet import HieraDet
