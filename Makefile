@@ -8,7 +8,8 @@ STAMP := $(VENV)/.setup-done
 # fused oneDNN kernels, the fast path, bf16 autocast, benchmarks, the GPU check's dry run) on an
 # emulated AVX2-only CPU: ATen's and oneDNN's kernels capped at AVX2 (no AVX-512, no AMX, no bf16).
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-CPU_BOUND_TESTS := tests/models tests/weights tests/engine/test_amp.py tests/benchmark tests/test_cpu.py
+CPU_BOUND_TESTS := tests/models tests/export/test_backbone_export.py tests/weights tests/engine/test_amp.py \
+	tests/benchmark tests/test_cpu.py
 PYTEST := -m pytest -q -n 2 --dist loadfile
 
 .PHONY: setup test demo

@@ -98,9 +98,10 @@ IMAGE_SIZES = ((64, 96), (96, 64))  # (h, w); small keeps a two-stage step aroun
 
 
 def load_config(name: str):
-    from mmengine.config import Config
+    """A config of configs/ by its name there, as the tools load it."""
+    from hieradet_mmdet.detectors import load_config as load
 
-    return Config.fromfile(str(CONFIGS / name))
+    return load(str(CONFIGS / name))
 
 
 def shrink_two_stage(cfg) -> None:
@@ -115,20 +116,15 @@ def shrink_two_stage(cfg) -> None:
         te.rpn.update(FAST_RPN_PROPOSALS)
 
 
-def build_detector(cfg, seed: int = 0):
-    """The config's detector on CPU with random backbone weights (no checkpoint in tests)."""
-    from mmengine.registry import init_default_scope
+def random_detector(cfg, seed: int = 0):
+    """The config's detector on CPU with random weights (no checkpoint in tests; ``seed``), few
+    proposals and RoI samples (:func:`shrink_two_stage`), in training mode as MMDetection builds it."""
+    from hieradet_mmdet.detectors import build_detector
 
-    import hieradet_mmdet  # noqa: F401  (what custom_imports does in the tools)
-    from mmdet.registry import MODELS
-
-    init_default_scope(cfg.get("default_scope", "mmdet"))
     cfg.model.backbone.init_cfg = None
     shrink_two_stage(cfg)
     torch.manual_seed(seed)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model
+    return build_detector(cfg).train()
 
 
 def synthetic_batch(sizes=IMAGE_SIZES, with_mask=True, seed=0):
@@ -240,32 +236,18 @@ def load_mmengine_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# A HieraDet of every block kind (q-pools, windows that tile and that need padding, global) but
-# narrow, with Mask R-CNN heads to match: checkpoints of a few MB, steps of a fraction of a second.
-NARROW_MODEL = {
-    "model.backbone.arch": dict(_delete_=True, depths=(1, 1, 2, 1), embed_dim=16, num_heads=1, global_pos_size=(7, 7),
-                                global_att_blocks=(3,), window_spec=(8, 4, 14, 7)),
-    "model.neck.in_channels": [16, 32, 64, 128], "model.neck.out_channels": 32,
-    "model.rpn_head.in_channels": 32, "model.rpn_head.feat_channels": 32,
-    "model.roi_head.bbox_roi_extractor.out_channels": 32, "model.roi_head.bbox_head.in_channels": 32,
-    "model.roi_head.bbox_head.fc_out_channels": 64, "model.roi_head.mask_roi_extractor.out_channels": 32,
-    "model.roi_head.mask_head.in_channels": 32, "model.roi_head.mask_head.conv_out_channels": 32,
-}
-
-
 def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base: str = "maskrcnn_hieradet_s.py",
                          num_train: Optional[int] = None, num_val: int = 2, narrow: bool = False,
                          options: Optional[dict] = None) -> tuple[Path, Path]:
     """A small synthetic COCO dataset and a standalone config of ``base`` on it (random backbone,
-    an ``iters``-iteration schedule, few proposals; ``narrow``: NARROW_MODEL): (config path, data root).
+    an ``iters``-iteration schedule, few proposals; ``narrow``: narrow_detector_config, every block
+    kind of HieraDet with a few channels): (config path, data root).
     By default one epoch covers every iteration: MMEngine's iteration loop sleeps 2 s whenever it
     restarts the data loader."""
     if num_train is None:
         num_train = max(4, 2 * iters)
-    import synthetic_coco
-    from demo import small_run_overrides
-
-    import hieradet_mmdet  # noqa: F401
+    from hieradet_mmdet.demo import synthetic_coco
+    from hieradet_mmdet.demo.small_run import small_run_overrides
 
     data = directory / "data"
     synthetic_coco.generate(str(data), num_train=num_train, num_val=num_val, size=size, seed=1)
@@ -280,7 +262,9 @@ def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base:
     if cfg.model.get("test_cfg", {}).get("rcnn") is not None:
         cfg.model.test_cfg.rcnn.score_thr = 0.0  # an untrained model still outputs boxes -> real AP numbers
     if narrow:
-        cfg.merge_from_dict(NARROW_MODEL)
+        from hieradet_mmdet.benchmark.cases import narrow_detector_config
+
+        narrow_detector_config(cfg)
     if options:
         cfg.merge_from_dict(options)
     path = directory / f"tiny_{Path(base).stem}.py"

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from hieradet_mmdet.models.classifier import HieraDetClassifier, load_image  # noqa: E402
-from hieradet_mmdet.weights import CheckpointError  # noqa: E402
+from hieradet_mmdet.export.runtime import OnnxClassifier
+from hieradet_mmdet.models.classifier import HieraDetClassifier, open_rgb_image
+from hieradet_mmdet.weights import CheckpointError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +56,7 @@ def main(argv=None) -> int:
     results, embeddings, failed = [], [], 0
     for path in args.images:
         try:
-            image = load_image(path)
+            image = open_rgb_image(path)
         except Exception as err:  # PIL raises several types for unreadable files
             print(f"error: cannot read image {path}: {err}", file=sys.stderr)
             failed += 1
@@ -75,37 +73,6 @@ def main(argv=None) -> int:
         stacked = torch.cat(embeddings) if embeddings else torch.empty(0, model.embedding_dim)
         np.save(args.embeddings, stacked.numpy().astype(np.float32))
     return 1 if failed else 0
-
-
-class OnnxClassifier:
-    """An exported classifier behind HieraDetClassifier's predict(): onnxruntime, the same
-    preprocessing, labels and top-k from the JSON beside the file."""
-
-    def __init__(self, path: str) -> None:
-        from hieradet_mmdet.export.exporting import onnx_session
-        from hieradet_mmdet.export.runtime import read_metadata
-
-        meta = read_metadata(path)
-        if meta.get("model") != "classifier" or meta.get("format") != "onnx":
-            raise ValueError(f"{path} is a {meta.get('format')} {meta.get('model')}, not an ONNX classifier")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no model file {path}")
-        pre = meta["preprocess"]
-        self.input_size = tuple(pre["input_size"])
-        self.rgb_stats = {"mean": pre["mean"], "std": pre["std"]}
-        self.labels = meta["classes"]
-        self.embedding_dim = meta["outputs"][1]["shape"][1]
-        self.session = onnx_session(path)
-
-    def to(self, device):
-        return self
-
-    def predict(self, images, topk: int = 5):
-        from hieradet_mmdet.models.classifier import preprocess_image, top_classes
-
-        batch = torch.stack([preprocess_image(image, self.input_size, self.rgb_stats) for image in images])
-        probs, embeddings = self.session.run(None, {"input": batch.numpy()})
-        return top_classes(torch.from_numpy(probs), self.labels, topk), torch.from_numpy(embeddings)
 
 
 def print_results(results: list[dict]) -> None:

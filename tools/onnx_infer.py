@@ -17,10 +17,6 @@ import os
 import os.path as osp
 import sys
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,37 +33,29 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hieradet_mmdet.export.runtime import detections, draw, feeds, load_image, prepare, read_metadata
+    from hieradet_mmdet.export.runtime import OnnxDetector, draw, read_bgr_image
 
     try:
-        meta = read_metadata(args.model)
-        if meta.get("model") != "detector" or meta.get("format") != "onnx":
-            raise ValueError(f"{args.model} is a {meta.get('format')} {meta.get('model')}, not an ONNX detector; "
-                             "classifiers run with tools/classify.py --onnx")
-        session = _session(args.model, args.threads)
+        detector = OnnxDetector(args.model, args.threads)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if meta["preprocess"].get("not_reproduced"):
-        print(f"warning: the config's test pipeline also had {', '.join(meta['preprocess']['not_reproduced'])}, "
+    if detector.not_reproduced:
+        print(f"warning: the config's test pipeline also had {', '.join(detector.not_reproduced)}, "
               "which is not reproduced here", file=sys.stderr)
-    input_names = [i["name"] for i in meta["inputs"]]
-    classes = meta.get("classes") or []
-    mask_thr = meta.get("postprocess", {}).get("mask_thr_binary", 0.5)
+    classes = detector.classes
     if args.out:
         os.makedirs(args.out, exist_ok=True)
 
     results, failed = [], 0
     for path in args.images:
         try:
-            image = load_image(path)
+            image = read_bgr_image(path)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
             continue
-        batch = prepare([image], meta["preprocess"])
-        outputs = session.run(None, feeds(batch, input_names))
-        found = detections(outputs, batch, 0, args.score_thr, mask_thr)
+        found = detector.detect(image, args.score_thr)
         results.append((path, found))
         if args.out:
             import cv2
@@ -84,14 +72,6 @@ def main(argv=None) -> int:
                 name = classes[label] if label < len(classes) else str(label)
                 print(f"  {name:<16} {score:.4f}  " + " ".join(f"{v:8.1f}" for v in box))
     return 1 if failed else 0
-
-
-def _session(path: str, threads: int):
-    from hieradet_mmdet.export.exporting import onnx_session
-
-    if not osp.isfile(path):
-        raise FileNotFoundError(f"no model file {path}")
-    return onnx_session(path, threads)
 
 
 def _as_json(path, found, classes) -> dict:

@@ -14,12 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import os.path as osp
 import sys
-
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 
 def parse_args(argv=None):
@@ -62,14 +57,15 @@ def main(argv=None) -> int:
     enforce_safe_loading()
 
     import torch
-    from mmengine.config import Config
 
+    from hieradet_mmdet.detectors import load_config, register_modules, set_work_dir
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
-    from hieradet_mmdet.engine.runner import build_runner, check_checkpoint, checkpoint_mismatch, prepare_config
+    from hieradet_mmdet.engine.runner import build_runner, prepare_config
     from hieradet_mmdet.weights import CheckpointError
-    from mmdet.utils import register_all_modules
+    from hieradet_mmdet.weights.digest import check_checkpoint
+    from hieradet_mmdet.weights.fit import checkpoint_mismatch
 
-    register_all_modules(init_default_scope=False)
+    register_modules()
 
     try:
         check_checkpoint(args.checkpoint)
@@ -77,11 +73,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.setdefault("default_scope", "mmdet")
-    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    cfg = set_work_dir(load_config(args.config, args.cfg_options), args.config, args.work_dir)
     cfg.load_from = args.checkpoint
     cfg.resume = False
     # Backbone init weights are irrelevant (the checkpoint replaces them) and may need a download.

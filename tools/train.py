@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import os.path as osp
 import sys
-
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 
 def parse_args(argv=None):
@@ -54,23 +49,18 @@ def main(argv=None) -> int:
     enforce_safe_loading()  # before anything can call torch.load
 
     import torch
-    from mmengine.config import Config
 
+    from hieradet_mmdet.detectors import load_config, register_modules, set_work_dir
     from hieradet_mmdet.engine.amp import use_mixed_precision
     from hieradet_mmdet.engine.checkpointing import find_resumable_checkpoint
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
     from hieradet_mmdet.engine.finite_loss import NonFiniteLossError
-    from hieradet_mmdet.engine.runner import build_runner, check_checkpoint, prepare_config
+    from hieradet_mmdet.engine.runner import build_runner, prepare_config
     from hieradet_mmdet.weights import CheckpointError
-    from mmdet.utils import register_all_modules
+    from hieradet_mmdet.weights.digest import check_checkpoint
 
-    register_all_modules(init_default_scope=False)
-
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.setdefault("default_scope", "mmdet")
-    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
+    register_modules()
+    cfg = set_work_dir(load_config(args.config, args.cfg_options), args.config, args.work_dir)
 
     if args.amp:
         print(use_mixed_precision(cfg.optim_wrapper, torch.cuda.is_available()))

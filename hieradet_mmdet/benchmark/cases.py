@@ -117,13 +117,13 @@ def narrow_detector_config(cfg, width: int = 32):
 
 
 def register_mmdet():
-    """MMDetection's modules and ours in its registries (also when ``hieradet_mmdet`` was imported
-    before MMDetection was importable, as on a GPU machine whose mmcv was built meanwhile)."""
-    from mmdet.utils import register_all_modules
+    """MMDetection's modules and ours in its registries, in MMDetection's scope."""
+    from mmengine.registry import init_default_scope
 
-    register_all_modules(init_default_scope=True)
-    import hieradet_mmdet.engine  # noqa: F401  (the wrappers, constructor, transform, hook)
-    import hieradet_mmdet.models.backbone  # noqa: F401  (type='HieraDet')
+    from hieradet_mmdet.detectors import DEFAULT_SCOPE, register_modules
+
+    register_modules()
+    init_default_scope(DEFAULT_SCOPE)
 
 
 def build_backbone(name: str, size: tuple[int, int], with_cp: bool):
@@ -364,14 +364,9 @@ def _prepare(case: dict[str, Any]) -> dict[str, Any]:
 
 def load_detector_checkpoint(model, path: str) -> None:
     """A trained detector's weights (an MMEngine checkpoint of this config's model), strictly."""
-    from hieradet_mmdet.engine.runner import checkpoint_mismatch
-    from hieradet_mmdet.weights import load_file
+    from hieradet_mmdet.weights.fit import load_whole_model
 
-    mismatch = checkpoint_mismatch(model, path)
-    if mismatch:
-        raise ValueError(f"{path} does not fit the benchmark's {type(model).__name__}:\n{mismatch}")
-    content, _ = load_file(path)
-    model.load_state_dict(content.get("state_dict", content))
+    load_whole_model(model, path, f"the benchmark's {type(model).__name__}")
 
 
 def neutral_heads(model) -> None:

@@ -100,14 +100,14 @@ def retinanet_rows(size, args, tmp):
     import torch
     from mmengine.structures import InstanceData  # noqa: F401  (MMDetection's data samples need it)
 
-    from hieradet_mmdet.export.config import build_detector, load_config
+    from hieradet_mmdet.detectors import build_detector, load_config
     from hieradet_mmdet.export.detector import exportable_detector, output_names
     from hieradet_mmdet.export.exporting import export_onnx, onnx_session
     from mmdet.structures import DetDataSample
 
     cfg = load_config(osp.join(REPO, "configs", "retinanet_hieradet_s.py"),
                       {"model.backbone.init_cfg": None, "model.test_cfg.score_thr": 0.0})
-    model, _ = build_detector(cfg, None)
+    model = build_detector(cfg).eval()
     x = torch.randn(1, 3, *size)
     img_shape = torch.tensor([list(size)])
     sample = DetDataSample(metainfo=dict(img_shape=size, ori_shape=size, scale_factor=(1.0, 1.0),

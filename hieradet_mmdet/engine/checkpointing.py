@@ -18,13 +18,12 @@ MMEngine's ``CheckpointHook``) changes how checkpoints are written and found aga
 
 from __future__ import annotations
 
-import hashlib
 import os
 import os.path as osp
 import random
 import re
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,13 +34,13 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 
 from .. import mmengine_adapter as mmengine_api
+from ..weights.digest import DIGEST_KEY, named_arrays, tensor_digest, verify_checkpoint
 from ..weights.errors import CheckpointError
 from ..weights.reader import load_file
 from .finite_loss import NonFiniteLossError
 from .loops import ResumableTrainLoop
 from .resumable_data import real_sampler
 
-DIGEST_KEY = "hieradet_digest"
 RNG_KEY = "hieradet_rng"
 DATA_KEY = "hieradet_data"
 VALIDATION_KEY = "hieradet_validation_due"
@@ -50,50 +49,6 @@ VALIDATED = "last_validated"  # the iteration after which the last validation fi
 LATEST = "latest.pth"  # the rolling checkpoint written inside epochs
 _CHECKPOINT_NAME = re.compile(r"^(?:iter|epoch)_(\d+)\.pth$")
 _UNFINISHED = re.compile(r"^(?:\..+\.pth|last_checkpoint|last_validated)\.tmp-\d+$")
-
-
-# ---- digest -------------------------------------------------------------------------------------
-
-def tensor_digest(checkpoint: Any) -> str:
-    """SHA-256 over every tensor and array of a checkpoint (name, dtype, shape, bytes), in a fixed
-    order; the digest entry itself is left out."""
-    digest = hashlib.sha256()
-    for name, value in _arrays(checkpoint, ""):
-        if isinstance(value, torch.Tensor):
-            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            dtype = str(value.dtype)
-        else:
-            data, dtype = np.ascontiguousarray(value).reshape(-1).view(np.uint8), str(value.dtype)
-        digest.update(f"{name}|{dtype}|{tuple(value.shape)}|".encode())
-        digest.update(memoryview(data))
-    return digest.hexdigest()
-
-
-def _arrays(node: Any, name: str):
-    if isinstance(node, (torch.Tensor, np.ndarray)):
-        yield name, node
-    elif isinstance(node, dict):
-        for key in sorted(node, key=str):
-            if key != DIGEST_KEY:
-                yield from _arrays(node[key], f"{name}.{key}")
-    elif isinstance(node, (list, tuple)):
-        for i, item in enumerate(node):
-            yield from _arrays(item, f"{name}[{i}]")
-
-
-def verify_checkpoint(path: str) -> bool:
-    """True if ``path`` reads and its tensors match the digest written with it; False for a
-    checkpoint written without a digest (nothing to check). Raises CheckpointError (naming the
-    file) if it is unreadable, truncated or corrupt."""
-    content, _ = load_file(path, mmap=True)
-    expected = content.get("meta", {}).get(DIGEST_KEY) if isinstance(content, dict) else None
-    if expected is None:
-        return False
-    actual = tensor_digest(content)
-    if actual != expected:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the SHA-256 digest written "
-                              f"with it ({actual[:16]}... instead of {expected[:16]}...)")
-    return True
 
 
 # ---- finding the checkpoint to resume from ---------------------------------------------------------
@@ -472,7 +427,7 @@ def _refuse_nonfinite(runner) -> None:
     model = getattr(runner.model, "module", runner.model)
     parts = {"weights": model.state_dict(), "optimizer state": runner.optim_wrapper.state_dict()}
     for what, state in parts.items():
-        bad = [name for name, t in _arrays(state, "") if isinstance(t, torch.Tensor) and t.is_floating_point()
+        bad = [name for name, t in named_arrays(state) if isinstance(t, torch.Tensor) and t.is_floating_point()
                and not bool(torch.isfinite(t).all())]
         if bad:
             raise NonFiniteLossError(

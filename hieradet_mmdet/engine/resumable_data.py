@@ -27,7 +27,7 @@ import itertools
 import random
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch

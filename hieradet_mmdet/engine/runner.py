@@ -2,7 +2,8 @@
 
 * :func:`enforce_safe_loading`: every ``torch.load`` in the process runs weights-only (the
   allowlist of :mod:`hieradet_mmdet.weights.safe_globals` on top of torch's own), and
-  :func:`check_checkpoint` refuses a file that would need more up front, naming it.
+  :func:`hieradet_mmdet.weights.digest.check_checkpoint` refuses a file that would need more up
+  front, naming it.
 * :func:`prepare_config`: whatever the config, the safety this package offers through MMEngine's
   own extension points: data-parallel settings (:mod:`.distributed`), crash-safe checkpoints
   (:mod:`.checkpointing`), the non-finite loss check (:mod:`.finite_loss`), image and annotation
@@ -15,9 +16,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..weights.load import state_dict_mismatch
-from ..weights.reader import allow_mmengine_types, load_file
-from .checkpointing import verify_checkpoint
+from ..weights.reader import allow_mmengine_types
 from .distributed import data_parallel_config
 
 # MMEngine's training loops -> the ones that resume inside an epoch without reloading data (.loops)
@@ -39,27 +38,6 @@ def enforce_safe_loading() -> None:
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     allow_mmengine_types()
-
-
-def check_checkpoint(path: str) -> None:
-    """Unpickle ``path`` weights-only, tensors memory-mapped, and check its digest if it has one;
-    raises :class:`~hieradet_mmdet.weights.CheckpointError` naming the file if it is missing,
-    unreadable, corrupt or needs anything the allowlist does not cover. URLs are left to the
-    loader, which runs weights-only too."""
-    if "://" not in path:
-        verify_checkpoint(os.path.expanduser(path))
-
-
-def checkpoint_mismatch(model, path: str) -> Optional[str]:
-    """What keeps checkpoint ``path`` from loading into ``model`` strictly, grouped by module
-    (missing, unexpected, shape mismatches), or None if every weight fits. MMEngine's own loading
-    is not strict: it warns and evaluates whatever it could not load at random initial values."""
-    content, _ = load_file(os.path.expanduser(path), mmap=True)
-    state = content.get("state_dict", content) if isinstance(content, dict) else {}
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()
-             if hasattr(v, "shape")}
-    model = getattr(model, "module", model)
-    return state_dict_mismatch(state, model.state_dict())
 
 
 def prepare_config(cfg, launcher: str = "none", dist_timeout_s: Optional[float] = None):

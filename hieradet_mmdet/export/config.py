@@ -1,80 +1,16 @@
-"""MMDetection glue for export: a detector from a config and a checkpoint (read weights-only and
-strictly), and what a deployed model needs to know from the config (preprocessing, classes)."""
+"""MMDetection glue for export: what a deployed model needs to know from the config and the
+detector (preprocessing, classes, the test settings the graph bakes in), and images made into a
+batch as the config's test pipeline and data preprocessor make them."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 
-from ..weights.errors import CheckpointError
-
 # Test-pipeline steps that do not change the pixels the model sees.
 PASSIVE_STEPS = {"LoadImageFromFile", "LoadImageFromNDArray", "LoadAnnotations", "PackDetInputs",
                  "CheckedLoadImageFromFile"}
-
-
-def load_config(path: str, cfg_options: Optional[dict] = None):
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(path)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    cfg.setdefault("default_scope", "mmdet")
-    return cfg
-
-
-def build_detector(cfg, checkpoint: Optional[str]) -> tuple[torch.nn.Module, dict]:
-    """The config's detector on the CPU in eval mode, and the checkpoint's ``dataset_meta``.
-
-    With a checkpoint, its state dict must fit the detector exactly (else CheckpointError saying
-    what is missing or unexpected); the backbone's ``init_cfg`` is then not loaded. Without one,
-    the model's ``init_weights`` runs (e.g. the published backbone weights) and the heads keep
-    their random initial values."""
-    from mmengine.registry import init_default_scope
-
-    import hieradet_mmdet  # noqa: F401  (registers the backbone)
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-
-    from ..engine.runner import check_checkpoint, checkpoint_mismatch
-    from ..weights.reader import load_file
-
-    register_all_modules(init_default_scope=False)
-    init_default_scope(cfg.get("default_scope", "mmdet"))
-    dataset_meta: dict = {}
-    if checkpoint:
-        check_checkpoint(checkpoint)
-        if cfg.model.get("backbone", {}).get("init_cfg") is not None:
-            cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone
-    model = MODELS.build(cfg.model)
-    if checkpoint:
-        mismatch = checkpoint_mismatch(model, checkpoint)
-        if mismatch:
-            raise CheckpointError(f"{checkpoint} does not fit the detector of the config:\n{mismatch}")
-        content, _ = load_file(os.path.expanduser(checkpoint))
-        state = content.get("state_dict", content)
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-        model.load_state_dict(state, strict=True)
-        dataset_meta = dict((content.get("meta") or {}).get("dataset_meta") or {})
-    else:
-        _quiet_init_weights(model)
-    model.cfg = cfg
-    return model.eval(), dataset_meta
-
-
-def _quiet_init_weights(model) -> None:
-    """init_weights without MMEngine's INFO line for every parameter."""
-    from mmengine.logging import MMLogger
-
-    logger = MMLogger.get_current_instance()
-    level = logger.level
-    logger.setLevel("WARNING")
-    try:
-        model.init_weights()
-    finally:
-        logger.setLevel(level)
 
 
 def detector_preprocess(cfg, model) -> tuple[dict, list[str]]:
@@ -104,12 +40,13 @@ def detector_preprocess(cfg, model) -> tuple[dict, list[str]]:
     return described, left_out
 
 
-def class_names(cfg, model, dataset_meta: dict) -> list[str]:
-    """The checkpoint's classes, else the config's dataset metainfo, else its dataset's defaults."""
+def class_names(cfg, model) -> list[str]:
+    """The checkpoint's classes (``model.dataset_meta``), else the config's dataset metainfo, else
+    its dataset's defaults."""
     from mmdet.registry import DATASETS
 
     num_classes = _num_classes(model)
-    candidates = [dataset_meta.get("classes")]
+    candidates = [(getattr(model, "dataset_meta", None) or {}).get("classes")]
     dataset = cfg.get("test_dataloader", {}).get("dataset", {})
     while "dataset" in dataset:
         dataset = dataset["dataset"]
@@ -137,3 +74,19 @@ def test_settings(model) -> dict:
                 "mask_thr_binary": float(cfg.get("mask_thr_binary", 0.5))}
     cfg = model.bbox_head.test_cfg
     return {"score_thr": float(cfg.get("score_thr", 0.0)), "max_per_img": int(cfg.get("max_per_img", 100))}
+
+
+def prepared_batch(model, cfg, images):
+    """BGR images through the config's test pipeline and the data preprocessor, as
+    inference_detector does: (inputs, img_shape (N, 2) int64, data samples)."""
+    from mmdet.utils import get_test_pipeline_cfg
+    from mmengine.dataset import Compose
+
+    steps = get_test_pipeline_cfg(cfg.copy())
+    steps[0].type = "mmdet.LoadImageFromNDArray"
+    pipeline = Compose(steps)
+    items = [pipeline(dict(img=image, img_id=i)) for i, image in enumerate(images)]
+    batch = model.data_preprocessor(dict(inputs=[d["inputs"] for d in items],
+                                         data_samples=[d["data_samples"] for d in items]), False)
+    shapes = torch.tensor([s.metainfo["img_shape"] for s in batch["data_samples"]], dtype=torch.long)
+    return batch["inputs"], shapes, batch["data_samples"]

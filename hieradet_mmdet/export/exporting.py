@@ -1,13 +1,15 @@
 """Writing a module as ONNX or as a ``torch.export`` program with dynamic shapes, and running the
-written file: the pieces ``tools/export.py`` puts together (plain PyTorch, no MMDetection)."""
+written file (plain PyTorch, no MMDetection). :class:`ExportTarget` is one file to write: the
+classifier, backbone and detector exports (:mod:`.classifier`, :mod:`.detector`) write through it."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +18,9 @@ from torch import nn
 from .ops import OPSET, dynamo_translations
 
 EXPORTERS = ("torchscript", "dynamo")
+FORMATS = ("onnx", "pt2")
 DynamicAxes = Mapping[str, Mapping[int, str]]  # input or output name -> {axis: symbolic name}
+Feeds = Mapping[str, np.ndarray]
 
 
 def export_onnx(module: nn.Module, example: Sequence[torch.Tensor], path: Path, input_names: Sequence[str],
@@ -52,6 +56,45 @@ def export_program(module: nn.Module, example: Sequence[torch.Tensor], path: Pat
         program = torch.export.export(module, tuple(example), dynamic_shapes=_dims(example, input_names, dynamic_axes))
     torch.export.save(program, str(path))
     return program
+
+
+@dataclass(frozen=True)
+class ExportTarget:
+    """The file to write: ``path`` (.onnx or .pt2), its ``format`` ('onnx' or 'pt2') and, for ONNX,
+    the ``exporter`` ('torchscript' or 'dynamo', see :func:`export_onnx`)."""
+
+    path: str
+    format: str = "onnx"
+    exporter: str = "torchscript"
+
+    def write(self, module: nn.Module, example: Sequence[torch.Tensor], input_names: Sequence[str],
+              output_names: Sequence[str], dynamic_axes: DynamicAxes) -> Callable[[Feeds], list[np.ndarray]]:
+        """Export ``module``; returns a function from a feed dict to the NumPy outputs of the written
+        file (onnxruntime, or the loaded program)."""
+        if self.format == "onnx":
+            export_onnx(module, example, self.path, input_names, output_names, dynamic_axes, self.exporter)
+            session = onnx_session(self.path)
+            return lambda feeds: run_onnx(session, feeds)
+        if self.format != "pt2":
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        export_program(module, example, self.path, input_names, dynamic_axes)
+        program = torch.export.load(self.path).module()
+
+        def run(feeds: Feeds) -> list[np.ndarray]:
+            with torch.no_grad():
+                outs = program(*(torch.from_numpy(feeds[name]) for name in input_names))
+            return [o.numpy() for o in outs]
+
+        return run
+
+    @property
+    def runtime_name(self) -> str:
+        """What runs the written file, for the check's report."""
+        if self.format == "pt2":
+            return "the loaded torch.export program"
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"
 
 
 @contextlib.contextmanager

@@ -1,31 +1,88 @@
-"""Running an exported detector without MMDetection (NumPy, OpenCV, onnxruntime): the
-preprocessing its JSON describes, done as MMDetection's test pipeline and data preprocessor do
-it, and the post-processing that turns the graph's outputs into boxes and masks of the original
-image, as ``inference_detector`` returns them.
+"""Running exported ONNX files with onnxruntime, as the eager models run.
 
-Images are read and resized with OpenCV as mmcv does (``imfrombytes``, ``imrescale``), so the
-pixels the graph sees are the ones MMDetection's pipeline gives.
+* A detector, without MMDetection (NumPy, OpenCV): the preprocessing its JSON describes, done as
+  MMDetection's test pipeline and data preprocessor do it, and the post-processing that turns the
+  graph's outputs into boxes and masks of the original image, as ``inference_detector`` returns
+  them (:class:`OnnxDetector`, or the steps :func:`prepare`, :func:`feeds`, :func:`detections`).
+  Images are read and resized with OpenCV as mmcv does (``imfrombytes``, ``imrescale``), so the
+  pixels the graph sees are the ones MMDetection's pipeline gives.
+* The classifier (:class:`OnnxClassifier`): birder's preprocessing (Pillow) as
+  :class:`~hieradet_mmdet.models.classifier.HieraDetClassifier` does it, labels and top-k.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-
-def read_metadata(model_path) -> dict:
-    """The JSON written beside an exported model (``model.onnx`` -> ``model.onnx.json``)."""
-    path = Path(str(model_path) + ".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: tools/export.py writes it beside {Path(model_path).name}")
-    return json.loads(path.read_text())
+from .metadata import read_metadata
 
 
-def load_image(path) -> np.ndarray:
+def open_exported(path: str, model: str, threads: int = 0, hint: str = "") -> tuple[dict, Any]:
+    """(the JSON beside ``path``, an onnxruntime session of it) for an ONNX file of ``model``
+    ('detector', 'classifier'); ValueError when it is another kind (``hint`` ends the message)."""
+    from .exporting import onnx_session
+
+    meta = read_metadata(path)
+    if meta.get("model") != model or meta.get("format") != "onnx":
+        raise ValueError(f"{path} is a {meta.get('format')} {meta.get('model')}, not an ONNX {model}{hint}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model file {path}")
+    return meta, onnx_session(path, threads)
+
+
+class OnnxDetector:
+    """An exported detector, one image at a time as ``inference_detector`` runs it."""
+
+    def __init__(self, path: str, threads: int = 0) -> None:
+        self.meta, self.session = open_exported(path, "detector", threads,
+                                                "; classifiers run with tools/classify.py --onnx")
+        self.input_names = [i["name"] for i in self.meta["inputs"]]
+        self.classes = self.meta.get("classes") or []
+        self.mask_thr = self.meta.get("postprocess", {}).get("mask_thr_binary", 0.5)
+
+    @property
+    def not_reproduced(self) -> list[str]:
+        """Test-pipeline steps of the config that the JSON's preprocessing leaves out."""
+        return self.meta["preprocess"].get("not_reproduced") or []
+
+    def detect(self, image: np.ndarray, score_thr: float = 0.0) -> dict:
+        """A BGR uint8 image's detections, as :func:`detections` gives them."""
+        batch = prepare([image], self.meta["preprocess"])
+        outputs = self.session.run(None, feeds(batch, self.input_names))
+        return detections(outputs, batch, 0, score_thr, self.mask_thr)
+
+
+class OnnxClassifier:
+    """An exported classifier behind HieraDetClassifier's predict(): onnxruntime, the same
+    preprocessing, labels and top-k from the JSON beside the file."""
+
+    def __init__(self, path: str) -> None:
+        meta, self.session = open_exported(path, "classifier")
+        pre = meta["preprocess"]
+        self.input_size = tuple(pre["input_size"])
+        self.rgb_stats = {"mean": pre["mean"], "std": pre["std"]}
+        self.labels = meta["classes"]
+        self.embedding_dim = meta["outputs"][1]["shape"][1]
+
+    def to(self, device):
+        return self
+
+    def predict(self, images, topk: int = 5):
+        """Top-k classes of PIL images (per image a list of {index, label, prob}) and the embeddings."""
+        import torch
+
+        from ..models.classifier import preprocess_image, top_classes
+
+        batch = torch.stack([preprocess_image(image, self.input_size, self.rgb_stats) for image in images])
+        probs, embeddings = self.session.run(None, {"input": batch.numpy()})
+        return top_classes(torch.from_numpy(probs), self.labels, topk), torch.from_numpy(embeddings)
+
+
+def read_bgr_image(path) -> np.ndarray:
     """An image file as BGR uint8 (H, W, 3), decoded as mmcv's LoadImageFromFile does."""
     import cv2
 

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from .boxes import (PAD_LABEL, best_per_image, decode_deltas, decode_distances, gather_rows, grid_anchors,
                     grid_points, nonempty)
-from .ops import at_most, non_max_suppression
-from .settings import nms_settings
+from .ops import at_most, nms_settings, non_max_suppression
 
 SUPPORTED_HEADS = ("RetinaHead", "FCOSHead")
 NOT_A_SCORE = -1.0  # what a candidate that may not be kept scores in NMS (real scores are >= 0)

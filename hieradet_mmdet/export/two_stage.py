@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .boxes import PAD_LABEL, best_per_image, decode_deltas, gather_rows, grid_anchors, nonempty, roi_levels
-from .ops import at_most, non_max_suppression, roi_align
-from .settings import nms_settings
+from .ops import at_most, nms_settings, non_max_suppression, roi_align
 from .single_stage import NOT_A_SCORE, keep_best
 
 SUPPORTED_ROI_HEADS = ("StandardRoIHead", "CascadeRoIHead")

@@ -121,7 +121,7 @@ def _guess_arch(checkpoint: LoadedCheckpoint) -> str:
     return DEFAULT_LAYOUT + size
 
 
-def load_image(path: str) -> Any:
+def open_rgb_image(path: str) -> Any:
     """Open an image file as an RGB PIL image (greyscale, RGBA, palette... are converted)."""
     from PIL import Image
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.hieradet import ARCH_SETTINGS
+from ..archs import ARCH_SETTINGS
 from .errors import CheckpointError
 from .reader import LoadedCheckpoint, Source, read_checkpoint
 

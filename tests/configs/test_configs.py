@@ -7,7 +7,7 @@ import pytest
 import torch
 from birder.data.transforms.classification import get_rgb_stats
 
-from helpers import assert_trains_and_predicts, build_detector, load_config
+from helpers import assert_trains_and_predicts, load_config, random_detector
 
 MAIN_CONFIGS = ["maskrcnn_hieradet_s.py", "retinanet_hieradet_s.py", "maskrcnn_hieradet_s_ms-3x.py"]
 HAS_MASK = {"maskrcnn_hieradet_s.py": True, "retinanet_hieradet_s.py": False,
@@ -63,14 +63,14 @@ def test_config_contents(name, tmp_path):
 
 def test_maskrcnn_trains_and_predicts():
     cfg = load_config("maskrcnn_hieradet_s.py")
-    model = build_detector(cfg.copy())
+    model = random_detector(cfg.copy())
     assert model.backbone.out_channels == [96, 192, 384, 768]
     assert_trains_and_predicts(model, cfg.optim_wrapper, with_mask=True)
 
 
 def test_retinanet_trains_and_predicts():
     cfg = load_config("retinanet_hieradet_s.py")
-    model = build_detector(cfg)
+    model = random_detector(cfg)
     assert len(model.neck.fpn_convs) == 5
     assert_trains_and_predicts(model, cfg.optim_wrapper, with_mask=False)
 
@@ -89,14 +89,14 @@ def test_wrong_arch_fails_with_choices():
     cfg = load_config("maskrcnn_hieradet_s.py")
     cfg.model.backbone.arch = "smal"
     with pytest.raises(ValueError, match="Unknown HieraDet arch 'smal'; choose one of tiny, small"):
-        build_detector(cfg)
+        random_detector(cfg)
 
 
 def test_detector_roi_features_are_right():
     """mmcv's CPU RoIAlign reads its input as contiguous NCHW without checking: the backbone must
     hand MMDetection contiguous maps, or every RoI feature is scrambled."""
     cfg = load_config("maskrcnn_hieradet_s.py")
-    model = build_detector(cfg).eval()
+    model = random_detector(cfg).eval()
     with torch.no_grad():
         feats = model.extract_feat(torch.randn(1, 3, 96, 128))
         assert all(f.is_contiguous() for f in model.backbone(torch.randn(1, 3, 96, 128)))

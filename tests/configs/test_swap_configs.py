@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_trains_and_predicts, build_detector, load_config
+from helpers import assert_trains_and_predicts, load_config, random_detector
 
 SWAPS = {
     "swap/faster-rcnn_hieradet-s_fpn_1x_coco.py": ("FasterRCNN", False),
@@ -19,7 +19,7 @@ def test_swap_config_trains_and_predicts(name):
     detector, with_mask = SWAPS[name]
     cfg = load_config(name)
     assert cfg.model.type == detector
-    model = build_detector(cfg)
+    model = random_detector(cfg)
     assert type(model.backbone).__name__ == "HieraDetBackbone"
     assert_trains_and_predicts(model, cfg.optim_wrapper, with_mask=with_mask)
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_trains_and_predicts, build_detector, load_config, synthetic_batch
+from helpers import assert_trains_and_predicts, load_config, random_detector, synthetic_batch
 from hieradet_mmdet.benchmark.cases import narrow_detector_config
 from hieradet_mmdet.engine import amp
 
@@ -29,7 +29,7 @@ def test_bf16_training_step_over_the_whole_detector():
     """What `tools/train.py --amp` runs on a CPU with fast bf16 (AmpOptimWrapper on CUDA), on a
     narrow detector: bf16 is tens of times slower than fp32 on CPUs without bf16 instructions."""
     cfg = narrow_detector_config(load_config("maskrcnn_hieradet_s.py"))
-    model = build_detector(cfg)
+    model = random_detector(cfg)
     seen = record_dtypes(model, ["backbone.blocks.0.attn.qkv", "neck.fpn_convs.0.conv", "rpn_head.rpn_conv",
                                  "rpn_head.rpn_reg", "roi_head.bbox_head.shared_fcs.0", "roi_head.bbox_head.fc_cls",
                                  "roi_head.mask_head.convs.0.conv", "roi_head.mask_head.conv_logits",
@@ -48,7 +48,7 @@ def test_bf16_training_step_over_the_whole_detector():
 
 def test_bf16_autocast_of_backbone_and_neck_only():
     cfg = narrow_detector_config(load_config("maskrcnn_hieradet_s.py"))
-    model = build_detector(cfg)
+    model = random_detector(cfg)
     seen = record_dtypes(model, ["backbone.blocks.0.attn.qkv", "rpn_head.rpn_conv"])
     assert_trains_and_predicts(model, dict(cfg.optim_wrapper, type="AutocastOptimWrapper",
                                            autocast_modules=("backbone", "neck")))
@@ -62,7 +62,7 @@ def test_every_shipped_detector_predicts_under_bf16_close_to_float32(config):
     """Heads whose output layers stay float32 give the same top detections as float32 inference."""
     cfg = narrow_detector_config(load_config(config))
     with_mask = "mask" in config
-    model = build_detector(cfg).eval()
+    model = random_detector(cfg).eval()
     data = model.data_preprocessor(synthetic_batch(with_mask=with_mask), False)
     with torch.no_grad():
         ref = model(**data, mode="predict")
@@ -121,7 +121,7 @@ def test_amp_on_a_gpu_machine_is_mmengines_fp16_amp_with_dynamic_loss_scaling(mo
     wrapper_cfg = copy.deepcopy(cfg.optim_wrapper)
     message = amp.use_mixed_precision(wrapper_cfg, torch.cuda.is_available())
     assert message.startswith("--amp on GPU") and wrapper_cfg.type == "AmpOptimWrapper"
-    model = build_detector(cfg)
+    model = random_detector(cfg)
     wrapper = build_optim_wrapper(model, wrapper_cfg)
     assert isinstance(wrapper, AmpOptimWrapper) and wrapper.cast_dtype == torch.float16
     scaler = wrapper.loss_scaler

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import build_detector, load_config
+from helpers import load_config, random_detector
 from hieradet_mmdet.engine.checks import HieraDetCheckHook, check_detector
 
 RESNET_NECK_ERROR = ("neck.in_channels [256, 512, 1024, 2048] do not match HieraDet(small) outputs "
@@ -19,7 +19,7 @@ def resnet_neck_detector():
     """The faster-rcnn swap with the one line users forget: the neck keeps R50's channels."""
     cfg = load_config("swap/faster-rcnn_hieradet-s_fpn_1x_coco.py")
     cfg.model.neck.in_channels = [256, 512, 1024, 2048]
-    return build_detector(cfg)
+    return random_detector(cfg)
 
 
 def test_neck_mismatch_is_refused_by_check_detector_and_the_hook():
@@ -42,13 +42,13 @@ def test_neck_mismatch_with_start_level_and_out_indices():
     cfg = load_config("retinanet_hieradet_s.py")
     cfg.model.neck.in_channels = [192, 384, 768]
     with pytest.raises(ValueError, match="including the 1 that start_level=1 skips"):
-        check_detector(build_detector(cfg.copy()))
+        check_detector(random_detector(cfg.copy()))
     # Or the three-level list is intended, and the backbone should return three levels.
     cfg.model.neck.start_level = 0
     with pytest.raises(ValueError, match=r"model\.backbone\.out_indices=\(1, 2, 3\)"):
-        check_detector(build_detector(cfg.copy()))
+        check_detector(random_detector(cfg.copy()))
     cfg.model.backbone.out_indices = (1, 2, 3)
-    assert check_detector(build_detector(cfg.copy()), warn=False) is not None
+    assert check_detector(random_detector(cfg.copy()), warn=False) is not None
 
 
 def test_models_without_hieradet_pass_untouched():
@@ -67,7 +67,7 @@ def test_models_without_hieradet_pass_untouched():
 def test_preprocessing_warning_for_caffe_style():
     cfg = load_config("swap/faster-rcnn_hieradet-s_fpn_1x_coco.py")
     cfg.model.data_preprocessor.update(mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0], bgr_to_rgb=False)
-    model = build_detector(cfg)
+    model = random_detector(cfg)
     with pytest.warns(UserWarning, match="std is 1") as record:
         HieraDetCheckHook().before_train(SimpleNamespace(model=model))
     assert any("bgr_to_rgb is False" in str(w.message) for w in record), [str(w.message) for w in record]

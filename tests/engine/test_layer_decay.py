@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import build_detector, load_config
+from helpers import load_config, random_detector
 
 
 @pytest.fixture(scope="module")
 def maskrcnn():
     cfg = load_config("maskrcnn_hieradet_s.py")
-    return cfg, build_detector(cfg.copy())
+    return cfg, random_detector(cfg.copy())
 
 
 def group_of(optim_wrapper, param):
@@ -69,7 +69,7 @@ def test_layer_decay_options_and_frozen_stages():
 
     cfg = load_config("retinanet_hieradet_s.py")
     cfg.model.backbone.frozen_stages = 1
-    model = build_detector(cfg)
+    model = random_detector(cfg)
     ow_cfg = cfg.optim_wrapper.copy()
     ow_cfg.paramwise_cfg = dict(layer_decay_rate=0.5, num_layers=4, custom_keys={"bbox_head": dict(lr_mult=2.0)})
     ow = build_optim_wrapper(model, ow_cfg)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import (CHECKPOINT_SIZE, CLASS_TO_IDX, PUBLISHED, assert_fp32_within_reference_noise, rel_err,
                      write_test_images)
-from hieradet_mmdet.models.classifier import HieraDetClassifier, load_image, preprocess_image
+from hieradet_mmdet.models.classifier import HieraDetClassifier, open_rgb_image, preprocess_image
 from hieradet_mmdet.weights import CheckpointError, published
 
 
@@ -25,7 +25,7 @@ def images(tmp_path_factory):
 def test_preprocessing_is_birders_inference_transform(images, birder_files):
     stats = birder_files["rgb_stats"]
     for name in ("rgb_png", "rgb_jpeg", "grey", "rgba", "palette"):
-        rgb = load_image(images[name])
+        rgb = open_rgb_image(images[name])
         assert rgb.mode == "RGB"
         for size in [(64, 64), (48, 80)]:  # down- and up-sampling, non-square
             ours = preprocess_image(rgb, size, stats)
@@ -33,7 +33,7 @@ def test_preprocessing_is_birders_inference_transform(images, birder_files):
             assert ours.shape == ref.shape == (3, *size)
             torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     # The comparison can fail: a bilinear resize is far outside its tolerance.
-    rgb = load_image(images["rgb_jpeg"])
+    rgb = open_rgb_image(images["rgb_jpeg"])
     bilinear = preprocess_image(rgb.resize((64, 64), Image.Resampling.BILINEAR), (64, 64), stats)
     assert (bilinear - preprocess_image(rgb, (64, 64), stats)).abs().max() > 1e-2
 

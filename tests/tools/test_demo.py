@@ -1,6 +1,6 @@
-"""``make demo`` (tools/demo.py) end to end on a tiny run, and where it looks for the weights."""
+"""``make demo`` (tools/demo.py) end to end on a tiny run (where it looks for the weights:
+tests/demo/test_run.py)."""
 
-import importlib.util
 import os
 import re
 import shutil
@@ -11,13 +11,6 @@ from pathlib import Path
 from helpers import ROOT
 
 WEIGHTS_FILE = "hieradet_d_small_dino-v2-imagenet12k.pt"
-
-
-def load_demo():
-    spec = importlib.util.spec_from_file_location("demo_tool", ROOT / "tools" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_demo_runs_end_to_end_with_weights_from_the_hub_cache(birder_files, tmp_path):
@@ -49,14 +42,3 @@ def test_demo_runs_end_to_end_with_weights_from_the_hub_cache(birder_files, tmp_
     assert (work / "iter_2.pth").is_file() and (work / "demo_config.py").is_file()
     for path in re.findall(r"^  (?:dataset|config|checkpoint|predictions)\s+(\S+)", out, re.M):
         assert Path(path.rstrip("/")).exists(), path
-
-
-def test_without_weights_the_demo_says_so_and_where_to_put_them(hub_dir, tmp_path):
-    demo = load_demo()
-    path, note = demo.find_weights(None)
-    assert path is None
-    assert "RANDOM" in note and demo.WEIGHTS_URL in note
-    assert str(hub_dir) in note
-    explicit = tmp_path / "mine.pt"
-    explicit.write_bytes(b"x")
-    assert demo.find_weights(str(explicit))[0] == str(explicit)

@@ -1,15 +1,14 @@
 """tools/export.py, tools/onnx_infer.py and tools/classify.py --onnx, run as users run them.
 
-Detectors of every family we ship (narrow HieraDet, heads sized to match, weights random but
-perturbed so that there are real detections of varied scores) are exported to ONNX and run with
-onnxruntime through the code of tools/onnx_infer.py; their detections in original-image pixels
-are compared with ``mmdet.apis.inference_detector`` on the same checkpoint at two image sizes.
+A narrow Mask R-CNN (tests/detector_families.py) is exported to ONNX by the tool and run with
+onnxruntime through the code of tools/onnx_infer.py; its detections in original-image pixels are
+compared with ``mmdet.apis.inference_detector`` on the same checkpoint at two image sizes. The
+other families are exported in-process: tests/export/test_detector_export.py.
 """
 
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import cv2
@@ -17,129 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import build_detector, fail_text, load_config, run_tool
-
-SIZE = 256  # the configs' test scale
-IMAGE_SIZES = ((220, 300), (330, 200))  # (h, w) of the test images: landscape and portrait
-SCORE_TOL, BOX_TOL, MASK_IOU = 1e-4, 0.5, 0.99
-TOP = 30  # detections compared per image, best first
-# Noise on the classification layers, per family, that spreads the scores out.
-CLASSIFIER_NOISE = {"retinanet": 3.0, "fcos": 0.03, "faster_rcnn": 0.3, "mask_rcnn": 0.3, "cascade_mask_rcnn": 0.3}
-
-NARROW_TRUNK = {"model.backbone.arch": dict(_delete_=True, depths=(1, 1, 2, 1), embed_dim=16, num_heads=1,
-                                            global_pos_size=(7, 7), global_att_blocks=(3,),
-                                            window_spec=(8, 4, 14, 7)),
-                "model.backbone.drop_path_rate": 0.0,
-                "model.neck.in_channels": [16, 32, 64, 128], "model.neck.out_channels": 32}
-RPN = {"model.rpn_head.in_channels": 32, "model.rpn_head.feat_channels": 32,
-       "model.test_cfg.rpn.nms_pre": 400, "model.test_cfg.rpn.max_per_img": 100}
-BBOX_HEAD = dict(in_channels=32, fc_out_channels=64, num_classes=3)
-MASK = {"model.roi_head.mask_roi_extractor.out_channels": 32, "model.roi_head.mask_head.in_channels": 32,
-        "model.roi_head.mask_head.conv_out_channels": 32, "model.roi_head.mask_head.num_classes": 3}
-DENSE = {"model.bbox_head.in_channels": 32, "model.bbox_head.feat_channels": 32, "model.bbox_head.num_classes": 3}
-FAMILIES = {  # config, overrides, test score threshold (real, varied detections below max_per_img)
-    "retinanet": ("retinanet_hieradet_s.py", DENSE, 0.36),
-    "fcos": ("swap/fcos_hieradet-s_fpn_1x_coco.py", DENSE, 0.27),
-    "faster_rcnn": ("swap/faster-rcnn_hieradet-s_fpn_1x_coco.py", RPN, 0.5),
-    "mask_rcnn": ("maskrcnn_hieradet_s.py", {**RPN, **MASK}, 0.35),
-    "cascade_mask_rcnn": ("swap/cascade-mask-rcnn_hieradet-s_fpn_1x_coco.py", {**RPN, **MASK}, 0.28),
-}
+from detector_families import (BOX_TOL, SCORE_TOL, SIZE, assert_same_detections, make_detector, onnx_detections,
+                               reference_detections, write_data)
+from helpers import fail_text, run_tool
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    import synthetic_coco
-
-    root = tmp_path_factory.mktemp("export_data")
-    synthetic_coco.generate(str(root / "data"), num_train=1, num_val=2, size=SIZE, seed=3)
-    images = []
-    for i, (h, w) in enumerate(IMAGE_SIZES):
-        picture = cv2.imread(str(root / "data" / "val" / f"{i:06d}.png"))
-        images.append(root / f"test_{h}x{w}.png")
-        cv2.imwrite(str(images[-1]), cv2.resize(picture, (w, h)))
-    return root, images
-
-
-def make_detector(family: str, directory: Path, data_root: Path) -> tuple[Path, Path]:
-    """A narrow config of ``family`` on the synthetic dataset and a checkpoint of perturbed
-    random weights for it (an MMEngine checkpoint with the dataset's classes)."""
-    import synthetic_coco
-
-    base, overrides, score_thr = FAMILIES[family]
-    cfg = load_config(base)
-    with_mask = "mask" in family
-    cfg.merge_from_dict(synthetic_coco.mmdet_dataset_overrides(str(data_root), with_mask=with_mask, image_size=SIZE))
-    cfg.merge_from_dict({**NARROW_TRUNK, **overrides})
-    if "roi_head" in cfg.model:
-        cfg.model.roi_head.bbox_roi_extractor.out_channels = 32
-        heads = cfg.model.roi_head.bbox_head
-        for head in heads if isinstance(heads, list) else [heads]:
-            head.update(BBOX_HEAD)
-        cfg.model.test_cfg.rcnn.update(score_thr=score_thr, max_per_img=TOP + 20)
-    else:
-        cfg.model.test_cfg.score_thr = score_thr
-    cfg.model.backbone.init_cfg = None
-    config = directory / f"{family}.py"
-    cfg.dump(str(config))
-
-    model = build_detector(cfg, seed=1)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-        for name, module in model.named_modules():  # scores spread out, away from 0 and from 1
-            if name.split(".")[-1] in ("retina_cls", "conv_cls", "conv_centerness", "rpn_cls", "fc_cls"):
-                module.weight.add_(torch.randn(module.weight.shape, generator=gen) * CLASSIFIER_NOISE[family])
-                if name.endswith(("retina_cls", "conv_cls")):
-                    module.bias.fill_(-2.0)
-    checkpoint = directory / f"{family}.pth"
-    torch.save({"state_dict": model.state_dict(),
-                "meta": {"dataset_meta": {"classes": list(synthetic_coco.CLASSES)}}}, checkpoint)
-    return config, checkpoint
-
-
-def reference_detections(config: Path, checkpoint: Path, images):
-    from mmdet.apis import inference_detector, init_detector
-
-    import hieradet_mmdet  # noqa: F401
-
-    model = init_detector(str(config), str(checkpoint), device="cpu")
-    return [inference_detector(model, str(image)).pred_instances for image in images]
-
-
-def onnx_detections(model_path: Path, images):
-    """What tools/onnx_infer.py computes, image by image, with every detection the graph keeps."""
-    from hieradet_mmdet.export.exporting import onnx_session
-    from hieradet_mmdet.export.runtime import detections, feeds, load_image, prepare, read_metadata
-
-    meta = read_metadata(model_path)
-    session = onnx_session(model_path)
-    results = []
-    for image in images:
-        batch = prepare([load_image(image)], meta["preprocess"])
-        outputs = session.run(None, feeds(batch, [i["name"] for i in meta["inputs"]]))
-        results.append(detections(outputs, batch, 0, 0.0, meta["postprocess"].get("mask_thr_binary", 0.5)))
-    return results
-
-
-def assert_same_detections(ours: dict, ref) -> None:
-    """The best TOP detections: same labels in the same order, scores within SCORE_TOL, boxes
-    within BOX_TOL px, masks of IoU >= MASK_IOU; and as many detections in all."""
-    count = len(ref.scores)
-    assert 3 <= count < TOP + 20, f"{count} detections: no real ones, or capped by max_per_img"
-    assert len(ours["scores"]) == count
-    top = min(TOP, count)
-    np.testing.assert_array_equal(ours["labels"][:top], ref.labels[:top].numpy())
-    np.testing.assert_allclose(ours["scores"][:top], ref.scores[:top].numpy(), rtol=0, atol=SCORE_TOL)
-    np.testing.assert_allclose(ours["boxes"][:top], ref.bboxes[:top].numpy(), rtol=0, atol=BOX_TOL)
-    assert ref.scores[0] - ref.scores[count - 1] > 0.02, "scores too uniform for the order to mean anything"
-    if "masks" in ref:
-        masks, ref_masks = ours["masks"][:top], ref.masks[:top].numpy()
-        assert masks.shape == ref_masks.shape
-        union = (masks | ref_masks).sum(axis=(1, 2))
-        iou = np.where(union > 0, (masks & ref_masks).sum(axis=(1, 2)) / np.maximum(union, 1), 1.0)
-        assert iou.min() >= MASK_IOU, iou
-        assert (union > 0).mean() >= 0.8 and ref_masks.sum() > 100  # mostly real masks
+    return write_data(tmp_path_factory.mktemp("export_data"))
 
 
 def export_with_tool(config, checkpoint, out: Path, *extra):
@@ -181,51 +65,20 @@ def test_exported_mask_rcnn_equals_inference_detector(data, mask_rcnn):
     assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["opset"] >= 16
 
 
-@pytest.mark.parametrize("family", ["retinanet", "faster_rcnn", "fcos", "cascade_mask_rcnn"])
-def test_every_family_equals_inference_detector(family, data, tmp_path):
-    """Every family we ship, exported in-process as tools/export.py exports (its CLI is run for
-    Mask R-CNN above), against inference_detector at two image sizes."""
-    root, images = data
-    config, checkpoint = make_detector(family, tmp_path, root / "data")
-    model_path = export_in_process(config, checkpoint, tmp_path / f"{family}.onnx")
-    for found, ref in zip(onnx_detections(model_path, images), reference_detections(config, checkpoint, images)):
-        assert_same_detections(found, ref)
-
-
-def export_in_process(config: Path, checkpoint: Path, model_path: Path) -> Path:
-    """The ONNX file and JSON of tools/export.py, without its subprocess and its self-check."""
-    from export import synthetic_batch
-
-    from hieradet_mmdet.export.config import build_detector as build_for_export
-    from hieradet_mmdet.export.config import detector_preprocess, load_config as load_for_export, test_settings
-    from hieradet_mmdet.export.detector import exportable_detector, output_names
-    from hieradet_mmdet.export.exporting import export_onnx
-
-    cfg = load_for_export(str(config))
-    model, _ = build_for_export(cfg, str(checkpoint))
-    graph = exportable_detector(model)
-    export_onnx(graph, synthetic_batch(model, cfg, [(480, 640)]), model_path, ["input", "img_shape"],
-                output_names(graph), {"input": {0: "N", 2: "H", 3: "W"}, "img_shape": {0: "N"}})
-    meta = {"inputs": [{"name": "input"}, {"name": "img_shape"}], "preprocess": detector_preprocess(cfg, model)[0],
-            "postprocess": test_settings(model)}
-    Path(str(model_path) + ".json").write_text(json.dumps(meta))
-    return model_path
-
-
 def test_padded_batch_of_two_equals_mmdetection_predict(mask_rcnn, data):
     """Two images of different sizes in one padded batch: each image's rows equal MMDetection's
     predict on that batch (img_shape clips each image's boxes to its own extent)."""
-    from hieradet_mmdet.export.config import build_detector as build_for_export
-    from hieradet_mmdet.export.config import load_config as load_for_export
+    from hieradet_mmdet.detectors import build_detector, load_config
+    from hieradet_mmdet.export.config import prepared_batch
     from hieradet_mmdet.export.exporting import onnx_session
-    from hieradet_mmdet.export.runtime import load_image, prepare, read_metadata
+    from hieradet_mmdet.export.metadata import read_metadata
+    from hieradet_mmdet.export.runtime import prepare, read_bgr_image
 
     config, checkpoint, model_path, _ = mask_rcnn
-    cfg = load_for_export(str(config))
-    model, _ = build_for_export(cfg, str(checkpoint))
-    from export import prepared_batch
+    cfg = load_config(str(config))
+    model = build_detector(cfg, str(checkpoint))
 
-    images = [load_image(p) for p in data[1]]
+    images = [read_bgr_image(p) for p in data[1]]
     inputs, img_shape, samples = prepared_batch(model, cfg, images)
     ours = prepare(images, read_metadata(model_path)["preprocess"])
     np.testing.assert_array_equal(ours.input, inputs.numpy())  # runtime.prepare is the data preprocessor
@@ -265,11 +118,9 @@ def test_onnx_infer_cli_prints_detections_and_writes_pictures(mask_rcnn, data, t
         assert picture is not None and picture.shape[:2] == cv2.imread(str(image)).shape[:2]
 
 
-def test_classifier_onnx_probabilities_equal_classify_tool(birder_files, tmp_path, capsys):
+def test_classifier_onnx_probabilities_equal_classify_tool(birder_files, tmp_path):
     """tools/export.py --classifier, then tools/classify.py --onnx against tools/classify.py
     --checkpoint (whose numbers tests/tools/test_classify_tool.py holds to birder's)."""
-    import classify
-
     from helpers import write_test_images
 
     images = write_test_images(tmp_path)
@@ -284,9 +135,9 @@ def test_classifier_onnx_probabilities_equal_classify_tool(birder_files, tmp_pat
     results = {}
     for source in (["--checkpoint", birder_files["pt"]], ["--onnx", model_path]):
         out = tmp_path / f"embeddings_{source[0][2:]}.npy"
-        capsys.readouterr()
-        assert classify.main([str(a) for a in (*names, *source, "--topk", 7, "--json", "--embeddings", out)]) == 0
-        results[source[0]] = (json.loads(capsys.readouterr().out), np.load(out))
+        proc = run_tool("tools/classify.py", *names, *source, "--topk", 7, "--json", "--embeddings", out)
+        assert proc.returncode == 0, fail_text(proc)
+        results[source[0]] = (json.loads(proc.stdout), np.load(out))
     (eager, eager_emb), (onnx, onnx_emb) = results["--checkpoint"], results["--onnx"]
     for ours, ref in zip(onnx, eager):
         assert [t["index"] for t in ours["topk"]] == [t["index"] for t in ref["topk"]]
@@ -308,15 +159,11 @@ def test_bad_input_is_a_one_line_error(mask_rcnn, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-
-def test_export_arguments_are_checked_before_any_work(capsys):
-    import export
-
+def test_export_arguments_are_checked_before_any_work():
     for argv, message in [(["c.py", "--out", "m.pt"], "--out must end in .onnx"),
                           (["c.py", "--out", "m.onnx", "--format", "pt2"], "--out must end in .pt2"),
                           (["c.py", "--classifier", "x", "--out", "m.onnx"], "either CONFIG"),
                           (["--out", "m.onnx"], "either CONFIG"),
                           (["--classifier", "x", "--backbone-only", "--out", "m.onnx"], "go with a CONFIG")]:
-        with pytest.raises(SystemExit) as exit_info:
-            export.parse_args(argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        proc = run_tool("tools/export.py", *argv)
+        assert proc.returncode == 2 and message in proc.stderr, fail_text(proc)

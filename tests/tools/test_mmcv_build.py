@@ -1,13 +1,17 @@
 """tools/mmcv_build.py: which mmcv ops tools/setup_env.sh builds, and the cache key it files them
 under. The CUDA branch cannot run without a GPU; its decisions can (fake GPUs, fake nvcc)."""
 
+import importlib.util
 import stat
 
 import pytest
 
 from helpers import ROOT, fail_text, run_tool
 
-import mmcv_build
+# A tool, not part of the package: tools/setup_env.sh runs it before the package is installed.
+_spec = importlib.util.spec_from_file_location("mmcv_build", ROOT / "tools" / "mmcv_build.py")
+mmcv_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mmcv_build)
 
 
 def decide(caps, torch_cuda="13.0", nvcc="/opt/cuda/bin/nvcc", release="13.0", env=None, jobs=16):

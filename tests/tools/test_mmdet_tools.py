@@ -47,7 +47,7 @@ def test_mmdet_test_py_evaluates_what_its_train_py_wrote(user_run):
 
 def test_mmdet_train_py_writes_crash_safe_checkpoints(user_run):
     """The config's one line (SafeCheckpointHook) gives MMDetection's own train.py the same checkpoints."""
-    from hieradet_mmdet.engine.checkpointing import verify_checkpoint
+    from hieradet_mmdet.weights.digest import verify_checkpoint
 
     _, _, work = user_run
     assert (work / "last_checkpoint").read_text() == f"iter_{ITERS}.pth"  # relative to the work dir

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, build_detector, fail_text, free_port, run_tool, tiny_detector_config
+from helpers import ROOT, fail_text, free_port, random_detector, run_tool, tiny_detector_config
 from helpers import load_mmengine_checkpoint as load_ckpt
 
 SIZE = 128
@@ -207,10 +207,10 @@ def _variants(ckpt: dict) -> dict:
 def test_checkpoints_that_do_not_fit_the_detector_are_described(trained, tiny, tmp_path):
     from mmengine.config import Config
 
-    from hieradet_mmdet.engine.runner import checkpoint_mismatch
+    from hieradet_mmdet.weights.fit import checkpoint_mismatch
 
     config, _ = tiny
-    model = build_detector(Config.fromfile(str(config)))
+    model = random_detector(Config.fromfile(str(config)))
     ckpt = load_ckpt(trained / f"iter_{ITERS}.pth")
     assert checkpoint_mismatch(model, str(trained / f"iter_{ITERS}.pth")) is None
     for name, (content, expected) in _variants(ckpt).items():

@@ -5,10 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,8 +13,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-import synthetic_coco
-from helpers import ROOT
+from hieradet_mmdet.demo import synthetic_coco
 
 SIZE = 128
 
@@ -115,17 +111,6 @@ def test_deterministic_and_seed_dependent(tmp_path):
     synthetic_coco.generate(str(c), 3, 2, size=64, seed=8)
     assert _digest(a) == _digest(b)
     assert _digest(a) != _digest(c)
-
-
-def test_cli(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "synthetic_coco.py"), str(tmp_path / "d"),
-                           "--train", "2", "--val", "1", "--size", "64"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "train: 2 images" in proc.stdout and "val: 1 images" in proc.stdout
-    with open(tmp_path / "d" / "annotations" / "instances_val.json") as f:
-        assert len(json.load(f)["images"]) == 1
-    assert sorted(os.listdir(tmp_path / "d" / "train")) == ["000000.png", "000001.png"]
 
 
 def test_mmdet_overrides_point_at_the_files(dataset):

@@ -1,0 +1,9 @@
+"""What shows the project at work on generated data, on a CPU: the demo (``make demo``) and the
+tools and tests built on the same pieces. Needs MMDetection (and pycocotools, OpenCV).
+
+    synthetic_coco   a deterministic COCO-format dataset of coloured shapes
+    small_run        config entries for short CPU training runs, their COCO metrics
+    features         PCA pictures of a backbone's feature maps
+    run              the demo: dataset, training, evaluation before and after, pictures
+    fault_injection  killing training at random moments and checking that resuming loses nothing
+"""

@@ -1,0 +1,184 @@
+"""Killing training at random moments, resuming each time, and checking that nothing is lost
+(``tools/fault_injection.py`` describes the procedure and its command line).
+
+A reference run trains the config once without interruption; a second run is SIGKILLed again and
+again, a share of the kills while a checkpoint is being written, and resumed with ``--resume``
+after each. The report says how many resumes worked, how many iterations each kill lost and how
+far the final weights are from the reference's.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+ITER_LINE = re.compile(r"Iter\(train\) \[\s*(\d+)/(\d+)\]")
+TMP_CHECKPOINT = re.compile(r"^\.(?:iter|epoch)_\d+\.pth\.tmp-\d+$")
+
+
+class Training:
+    """One training process (``command CONFIG --work-dir DIR ...``, tools/train.py's command line)
+    whose log is read as it runs."""
+
+    def __init__(self, command: Sequence[str], config: str, work_dir: Path, extra: Sequence[str], resume: bool,
+                 cwd: Optional[Path] = None) -> None:
+        cmd = [*command, config, "--work-dir", str(work_dir), *extra]
+        if resume:
+            cmd.append("--resume")
+        self.log: list[str] = []
+        self.last_iter = 0
+        self.resumed_from = None
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=cwd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line)
+            m = ITER_LINE.search(line)
+            if m:
+                self.last_iter = int(m.group(1))
+            m = re.search(r"resumed epoch: \d+, iter: (\d+)", line)
+            if m:
+                self.resumed_from = int(m.group(1))
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        self.reader.join(10)
+        return rc
+
+
+def newest_checkpoint_iter(work_dir: Path) -> int:
+    from ..engine.checkpointing import find_resumable_checkpoint
+
+    path = find_resumable_checkpoint(str(work_dir), logger="silent")
+    return int(re.search(r"_(\d+)\.pth$", path).group(1)) if path else 0
+
+
+def kill_inside_a_save(training: Training, work_dir: Path, rng: random.Random, deadline: float) -> bool:
+    """SIGKILL right after a checkpoint's temporary file appears (0-20 ms into writing it)."""
+    while time.time() < deadline and training.proc.poll() is None:
+        try:
+            if any(TMP_CHECKPOINT.match(n) for n in os.listdir(work_dir)):
+                time.sleep(rng.uniform(0, 0.02))
+                training.proc.send_signal(signal.SIGKILL)
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.002)
+    return False
+
+
+def kill_between_saves(training: Training, rng: random.Random, deadline: float) -> bool:
+    """SIGKILL at a random moment once the process has trained an iteration of its own."""
+    while time.time() < deadline and training.proc.poll() is None:
+        if training.last_iter > (training.resumed_from or 0):
+            time.sleep(rng.uniform(0, 1.5))
+            if training.proc.poll() is not None:
+                return False
+            training.proc.send_signal(signal.SIGKILL)
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def final_weights(work_dir: Path):
+    import torch
+
+    from ..engine.checkpointing import find_resumable_checkpoint
+    from ..weights.reader import allow_mmengine_types
+
+    allow_mmengine_types()
+    path = find_resumable_checkpoint(str(work_dir), logger="silent")
+    return path, torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def inject_faults(config: str, work_dir: Path, train_command: Sequence[str], train_args: Sequence[str] = (),
+                  kills: int = 10, save_share: float = 0.5, seed: int = 0, timeout: float = 1800,
+                  cwd: Optional[Path] = None) -> Optional[dict]:
+    """Train ``config`` in ``work_dir``/reference, then in ``work_dir``/faulted with ``kills``
+    SIGKILLs (a ``save_share`` of them inside checkpoint writes; the schedule's ``seed``), each run
+    ``train_command CONFIG --work-dir DIR *train_args [--resume]`` from ``cwd``, at most
+    ``timeout`` s per process. Progress goes to stdout. Returns the report, or None when the
+    reference run failed (the tail of its log goes to stderr)."""
+    rng = random.Random(seed)
+    interval = None
+
+    def training(directory: Path, resume: bool) -> Training:
+        return Training(train_command, config, directory, train_args, resume, cwd)
+
+    print(f"== uninterrupted reference run in {work_dir / 'reference'}", flush=True)
+    reference = training(work_dir / "reference", resume=False)
+    if reference.wait(timeout) != 0:
+        print("".join(reference.log[-40:]), file=sys.stderr)
+        print("error: the reference run failed", file=sys.stderr)
+        return None
+    total_iters = reference.last_iter
+
+    work = work_dir / "faulted"
+    done, records, failed_resumes = 0, [], 0
+    run = training(work, resume=False)
+    while done < kills:
+        deadline = time.time() + timeout
+        inside_save = rng.random() < save_share
+        killed = (kill_inside_a_save(run, work, rng, deadline) if inside_save
+                  else kill_between_saves(run, rng, deadline))
+        rc = run.wait(timeout)
+        if not killed:  # it finished (or failed) before the moment came
+            if rc != 0:
+                failed_resumes += 1
+                print("".join(run.log[-40:]), file=sys.stderr)
+            break
+        done += 1
+        time.sleep(0.2)  # the reader thread drains the last lines
+        saved = newest_checkpoint_iter(work)
+        lost = max(0, run.last_iter - saved)
+        interval = interval or _save_interval(work)
+        records.append(dict(kill=done, inside_save=inside_save, last_logged_iter=run.last_iter,
+                            resumable_iter=saved, iterations_lost=lost))
+        print(f"kill {done}: {'inside a save' if inside_save else 'between saves'}, after iteration "
+              f"{run.last_iter}; resuming from iteration {saved} ({lost} lost)", flush=True)
+        run = training(work, resume=True)
+        if run.proc.poll() not in (None, 0):
+            failed_resumes += 1
+    rc = run.wait(timeout)
+    if rc != 0:
+        failed_resumes += 1
+        print("".join(run.log[-40:]), file=sys.stderr)
+
+    ref_path, ref_state = final_weights(work_dir / "reference")
+    path, state = final_weights(work)
+    diff = max(float((state[k].double() - v.double()).abs().max()) if state[k].numel() else 0.0
+               for k, v in ref_state.items()) if state.keys() == ref_state.keys() else float("inf")
+    return dict(config=config, kills=done, kills_inside_saves=sum(r["inside_save"] for r in records),
+                resumes=len(records), failed_resumes=failed_resumes,
+                max_iterations_lost=max((r["iterations_lost"] for r in records), default=0),
+                save_interval=interval or _save_interval(work), total_iters=total_iters,
+                final_checkpoint=path, reference_checkpoint=ref_path, final_weights_max_abs_diff=diff,
+                kills_detail=records)
+
+
+def lost_nothing(report: dict) -> bool:
+    """Every resume worked, no kill lost more than the save interval, and the final weights equal
+    the uninterrupted run's."""
+    return (report["failed_resumes"] == 0 and report["max_iterations_lost"] <= report["save_interval"]
+            and report["final_weights_max_abs_diff"] == 0.0)
+
+
+def _save_interval(work_dir: Path) -> int:
+    """The checkpoint interval of the run, from the config MMEngine wrote into the work dir."""
+    configs = sorted(work_dir.glob("*.py"))
+    if not configs:
+        return 1
+    text = configs[0].read_text()
+    m = re.search(r"checkpoint=dict\([^)]*?interval=(\d+)", text, re.S)
+    return int(m.group(1)) if m else 1
