@@ -4,6 +4,7 @@ detectors built from configs with a synthetic batch, and running the tools as a 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -218,6 +219,24 @@ def run_tool(*args, timeout=300, env=None, cwd=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
 
 
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """The training processes torchrun started, by their RANK."""
+    pids = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        env = dict(kv.split(b"=", 1) for kv in environ if b"=" in kv)
+        ppid = int(re.search(r"PPid:\s+(\d+)", status).group(1))
+        if b"RANK" in env and ppid == launcher.pid and b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            pids[int(env[b"RANK"])] = int(pid)
+    return pids
+
+
 def fail_text(proc) -> str:
     return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
 
@@ -270,3 +289,32 @@ def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base:
     path = directory / f"tiny_{Path(base).stem}.py"
     cfg.dump(str(path))
     return path, data
+
+
+def tiny_epoch_config(directory: Path, record_loads: bool = False, **options) -> Path:
+    """An epoch-based tiny_detector_config as the shipped configs train: ResumableEpochBasedTrainLoop,
+    2 epochs of 4 batches (7 images in batches of 2 from AspectRatioBatchSampler, the last one its
+    leftover), validation after each, an epoch schedule after an iteration warm-up, and
+    SafeCheckpointHook's rolling latest.pth after every iteration. ``record_loads``: every sample the
+    training pipeline loads is written to ``directory``/loads.txt (tests/load_counter.py; run the
+    tools with tests/ on PYTHONPATH)."""
+    overrides = {
+        "train_cfg": dict(_delete_=True, type="ResumableEpochBasedTrainLoop", max_epochs=2, val_interval=1),
+        "param_scheduler": [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=3),
+                            dict(type="MultiStepLR", by_epoch=True, begin=0, end=2, milestones=[1], gamma=0.5)],
+        "default_hooks.checkpoint": dict(_delete_=True, type="SafeCheckpointHook", by_epoch=True, interval=1,
+                                         latest_interval_iters=1, latest_interval_minutes=None, max_keep_ckpts=3),
+        "log_processor": dict(type="LogProcessor", window_size=1, by_epoch=True),
+        "train_dataloader.batch_sampler": dict(type="AspectRatioBatchSampler"),
+        "randomness.seed": 0}
+    if record_loads:
+        overrides["custom_imports"] = dict(imports=["hieradet_mmdet", "load_counter"], allow_failed_imports=False)
+    path, _ = tiny_detector_config(directory, iters=4, size=96, narrow=True, num_train=7, num_val=2,
+                                   options={**overrides, **options})
+    if record_loads:
+        from mmengine.config import Config
+
+        cfg = Config.fromfile(str(path))
+        cfg.train_dataloader.dataset.pipeline.insert(0, dict(type="RecordLoads", path=str(directory / "loads.txt")))
+        cfg.dump(str(path))
+    return path

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .exporting import ExportTarget, relative_error
+from ..reference import rel_err
+from .exporting import ExportTarget
 from .metadata import base_metadata, tensor_spec
 
 CLASSIFIER_TOL = 1e-4  # absolute on probabilities, relative on embeddings
@@ -49,7 +50,7 @@ def export_classifier(checkpoint: str, target: ExportTarget, arch: Optional[str]
         ref_embedding = classifier.embedding(check)
         ref_probs = classifier.classify(ref_embedding).softmax(dim=1)
     prob_err = float(np.abs(probs - ref_probs.numpy()).max())
-    emb_err = relative_error(embedding, ref_embedding.numpy())
+    emb_err = rel_err(embedding, ref_embedding.numpy())
     failures = [f"probabilities differ by {prob_err:.2e} (> {CLASSIFIER_TOL})"] if prob_err > CLASSIFIER_TOL else []
     if emb_err > CLASSIFIER_TOL:
         failures.append(f"embeddings differ by {emb_err:.2e} relative (> {CLASSIFIER_TOL})")

@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .compare import BOX_TOL, SCORE_TOL, match_detections, summarise_matches
-from .exporting import ExportTarget, relative_error
+from ..reference import rel_err
+from .exporting import ExportTarget
 from .metadata import base_metadata, tensor_spec
 from .single_stage import SingleStageDetector
 from .two_stage import TwoStageDetector
@@ -83,7 +84,7 @@ def export_backbone(model: nn.Module, cfg, target: ExportTarget) -> dict:
         outs = run({"input": x.numpy()})
         with torch.no_grad():
             refs = backbone(x)
-        errors.append(max(relative_error(o, r.numpy()) for o, r in zip(outs, refs)))
+        errors.append(max(rel_err(o, r.numpy()) for o, r in zip(outs, refs)))
     err = max(errors)
     failures = [f"backbone outputs differ by {err:.2e} relative (> {BACKBONE_TOL})"] if err > BACKBONE_TOL else []
     line = (f"check ({target.runtime_name} vs eager, batch 2 at 200x328 and batch 1 at "

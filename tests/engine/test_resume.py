@@ -22,31 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, fail_text, load_mmengine_checkpoint, run_tool, tiny_detector_config
+from helpers import ROOT, fail_text, free_port, load_mmengine_checkpoint, rank_pids, run_tool, tiny_epoch_config
 
 TESTS = Path(__file__).resolve().parents[1]
-BATCHES = 4  # per epoch
-EPOCHS = 2
-
-
-def epoch_config(directory: Path, **options) -> Path:
-    loads = directory / "loads.txt"
-    path, _ = tiny_detector_config(directory, iters=BATCHES, size=96, narrow=True, num_train=7, num_val=2, options={
-        "train_cfg": dict(_delete_=True, type="ResumableEpochBasedTrainLoop", max_epochs=EPOCHS, val_interval=1),
-        "param_scheduler": [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0, end=3),
-                            dict(type="MultiStepLR", by_epoch=True, begin=0, end=EPOCHS, milestones=[1], gamma=0.5)],
-        "default_hooks.checkpoint": dict(_delete_=True, type="SafeCheckpointHook", by_epoch=True, interval=1,
-                                         latest_interval_iters=1, latest_interval_minutes=None, max_keep_ckpts=3),
-        "log_processor": dict(type="LogProcessor", window_size=1, by_epoch=True),
-        "train_dataloader.batch_sampler": dict(type="AspectRatioBatchSampler"),
-        "custom_imports": dict(imports=["hieradet_mmdet", "load_counter"], allow_failed_imports=False),
-        "randomness.seed": 0, **options})
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(str(path))  # every sample the training pipeline loads is written to loads.txt
-    cfg.train_dataloader.dataset.pipeline.insert(0, dict(type="RecordLoads", path=str(loads)))
-    cfg.dump(str(path))
-    return path
+BATCHES, EPOCHS = 4, 2  # tiny_epoch_config's
 
 
 ENV = {"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}
@@ -97,7 +76,7 @@ def kill_after(config: Path, work: Path, line: str, tool=None) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     directory = tmp_path_factory.mktemp("uninterrupted")
-    config = epoch_config(directory)
+    config = tiny_epoch_config(directory, record_loads=True)
     proc = train(config, directory / "work")
     assert proc.returncode == 0, fail_text(proc)
     return config, directory
@@ -203,3 +182,44 @@ def test_another_data_layout_is_refused_or_resumed_inexactly_on_request(referenc
                  "train_cfg.allow_inexact_resume=True")
     assert proc.returncode == 0, fail_text(proc)
     assert "resuming inexactly (allow_inexact_resume)" in proc.stdout + proc.stderr
+
+
+def dist_train(config: Path, work: Path, processes: int, *args):
+    return run_tool("bash", ROOT / "tools" / "dist_train.sh", config, str(processes), "--work-dir", work, *args,
+                    env={**ENV, "PORT": str(free_port()), "PYTHON": sys.executable}, timeout=600)
+
+
+def test_data_parallel_runs_resume_each_process_where_it_was(tmp_path):
+    """2 CPU processes (gloo): each has its own share of every epoch and its own position in it; a
+    kill inside an epoch resumes both exactly, and a resume with one process is refused."""
+    config = tiny_epoch_config(tmp_path / "cfg")
+    proc = dist_train(config, tmp_path / "uninterrupted", 2)
+    assert proc.returncode == 0, fail_text(proc)
+    per_epoch = 2  # 7 images over 2 processes: 4 each, batches of 2
+
+    work = tmp_path / "work"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PORT=str(free_port()),
+               PYTHON=sys.executable, **ENV)
+    launcher = subprocess.Popen(["bash", str(ROOT / "tools" / "dist_train.sh"), str(config), "2", "--work-dir",
+                                 str(work)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                )
+    deadline = time.time() + 300
+    while not (work / "latest.pth").exists() and time.time() < deadline:  # the first rolling checkpoint
+        time.sleep(0.01)
+    for pid in rank_pids(launcher).values():  # both training processes (torchrun starts them in sessions of
+        os.kill(pid, signal.SIGKILL)          # their own), then torchrun
+    launcher.kill()
+    launcher.wait()
+    saved = load_mmengine_checkpoint(work / "latest.pth")["meta"]["hieradet_data"]["ranks"]
+    assert len(saved) == 2  # a data position per process
+
+    refused = dist_train(config, tmp_path / "one", 1, "--resume", work / "latest.pth")
+    assert refused.returncode != 0 and "written by 2 process(es)" in refused.stdout + refused.stderr, \
+        fail_text(refused)
+
+    proc = dist_train(config, work, 2, "--resume")
+    assert proc.returncode == 0, fail_text(proc)
+    assert 1 <= resumed_iteration(proc.stdout + proc.stderr) < 2 * per_epoch  # logs reach us late: k varies
+    a = load_mmengine_checkpoint(work / "epoch_2.pth")["state_dict"]
+    b = load_mmengine_checkpoint(tmp_path / "uninterrupted" / "epoch_2.pth")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, fail_text, free_port, load_mmengine_checkpoint, run_tool, tiny_detector_config
+from helpers import (ROOT, fail_text, free_port, load_mmengine_checkpoint, rank_pids, run_tool,
+                     tiny_detector_config, tiny_epoch_config)
 
 ITERS = 6
 # A fixed seed: two uninterrupted runs are then identical, the reference a resumed run must repeat.
@@ -202,36 +203,19 @@ def test_a_killed_and_resumed_run_repeats_the_uninterrupted_one_exactly(referenc
 
 
 def test_random_kills_lose_nothing(tmp_path):
-    """tools/fault_injection.py: SIGKILLs at random moments, half of them inside checkpoint writes."""
-    cfg = config(tmp_path)
+    """tools/fault_injection.py on an epoch-based run as the shipped configs train: SIGKILLs inside a
+    checkpoint write, at a random moment of an epoch and during validation."""
+    cfg = tiny_epoch_config(tmp_path)
     out = tmp_path / "report.json"
     proc = run_tool("tools/fault_injection.py", cfg, "--work-dir", tmp_path / "runs", "--kills", "3",
-                    "--save-share", "0.67", "--seed", "1", "--out", out, timeout=900)
+                    "--save-share", "0.34", "--val-share", "0.33", "--seed", "1", "--out", out, timeout=900)
     assert proc.returncode == 0, fail_text(proc)
     report = json.loads(out.read_text())
     assert report["kills"] == 3 and report["resumes"] == 3 and report["failed_resumes"] == 0
-    assert report["kills_inside_saves"] >= 1
+    assert report["kills_inside_saves"] == report["kills_during_validation"] == 1
     assert report["max_iterations_lost"] <= report["save_interval"] == 1
-    assert report["final_weights_max_abs_diff"] == 0.0
+    assert report["total_iters"] == 8 and report["final_weights_max_abs_diff"] == 0.0
     assert "OK: nothing completed was lost" in proc.stdout
-
-
-def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
-    """The training processes torchrun started, by their RANK."""
-    pids = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        env = dict(kv.split(b"=", 1) for kv in environ if b"=" in kv)
-        ppid = int(re.search(r"PPid:\s+(\d+)", status).group(1))
-        if b"RANK" in env and ppid == launcher.pid and b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            pids[int(env[b"RANK"])] = int(pid)
-    return pids
 
 
 def test_a_stalled_process_is_named_when_the_timeout_fires(tmp_path):
@@ -246,7 +230,7 @@ def test_a_stalled_process_is_named_when_the_timeout_fires(tmp_path):
         for line in launcher.stdout:
             lines.append(line)
             if stopped is None and "Iter(train) [  3/200]" in line:
-                stopped = _rank_pids(launcher)[1]
+                stopped = rank_pids(launcher)[1]
                 os.kill(stopped, signal.SIGSTOP)  # rank 1 goes silent: no crash, no exit
             if "data-parallel training stopped" in line:
                 os.kill(stopped, signal.SIGKILL)  # what an operator does next; torchrun would wait 30 s
