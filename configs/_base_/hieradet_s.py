@@ -55,3 +55,15 @@ hieradet_auto_scale_lr = dict(enable=True, base_batch_size=16)
 # next batch, without loading the trained batches again (hieradet_mmdet.engine.loops).
 hieradet_checkpoint = dict(type='SafeCheckpointHook', latest_interval_minutes=10)
 hieradet_train_loop = 'ResumableEpochBasedTrainLoop'
+
+# Mask2Former's optimizer (AdamW lr 1e-4, weight decay 0.05, gradient norm clipped at 0.01) with
+# the layer-wise lr decay above in place of its flat x0.1 backbone multiplier; no weight decay on
+# the queries and level embeddings, as in Mask2Former. Shared by its instance and panoptic configs.
+hieradet_mask2former_no_decay = dict(lr_mult=1.0, decay_mult=0.0)
+hieradet_mask2former_optim_wrapper = dict(
+    hieradet_optim_wrapper,
+    clip_grad=dict(max_norm=0.01, norm_type=2),
+    paramwise_cfg=dict(
+        hieradet_optim_wrapper['paramwise_cfg'],
+        custom_keys=dict(query_embed=hieradet_mask2former_no_decay, query_feat=hieradet_mask2former_no_decay,
+                         level_embed=hieradet_mask2former_no_decay)))

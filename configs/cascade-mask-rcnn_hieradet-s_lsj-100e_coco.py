@@ -1,0 +1,32 @@
+# Cascade Mask R-CNN + FPN with a HieraDet-S backbone, the same ViTDet LSJ-100e recipe as
+# mask-rcnn_hieradet-s_lsj-100e_coco.py (see there for where each value comes from); each of the
+# three cascade stages gets the 4conv1fc box head with GroupNorm, as ViTDet's cascade does.
+_base_ = [
+    'mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py',
+    'mmdet::common/lsj-100e_coco-instance.py',
+    './_base_/hieradet_s.py',
+]
+
+image_size = (1024, 1024)
+norm_cfg = dict(type='GN', num_groups=32, requires_grad=True)
+model = dict(
+    data_preprocessor=dict(
+        _base_.hieradet_data_preprocessor,
+        pad_size_divisor=32,
+        batch_augments=[dict(type='BatchFixedSizePad', size=image_size, pad_mask=True)]),
+    backbone=dict(_delete_=True, **_base_.hieradet_s_backbone),
+    neck=dict(in_channels=_base_.hieradet_s_channels, norm_cfg=norm_cfg),
+    rpn_head=dict(num_convs=2),
+    roi_head=dict(
+        bbox_head=[dict(stage, type='Shared4Conv1FCBBoxHead', conv_out_channels=256, norm_cfg=norm_cfg)
+                   for stage in _base_.model.roi_head.bbox_head],
+        mask_head=dict(norm_cfg=norm_cfg)))
+
+optim_wrapper = dict(
+    _delete_=True,
+    **dict(_base_.hieradet_optim_wrapper,
+           optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1),
+           paramwise_cfg=dict(_base_.hieradet_optim_wrapper.paramwise_cfg, layer_decay_rate=0.75)))
+auto_scale_lr = dict(enable=True, base_batch_size=64)
+default_hooks = dict(checkpoint=_base_.hieradet_checkpoint)
+train_cfg = dict(type=_base_.hieradet_train_loop)
