@@ -100,8 +100,15 @@ def narrow_detector_config(cfg, width: int = 32):
     else:
         raise ValueError(f"no narrow form of a {backbone.type} backbone")
     indices = backbone.get("out_indices", (0, 1, 2, 3))
+    if model.get("panoptic_head") is not None:
+        _narrow_mask2former(model.panoptic_head, [stages[i] for i in indices], width)
+        return cfg
     model.neck.in_channels = [stages[i] for i in indices]
     model.neck.out_channels = width
+    if model.get("encoder") is not None:
+        model.neck.out_channels = DETR_WIDTH
+        _narrow_detr(model, DETR_WIDTH)
+        return cfg
     for name in ("rpn_head", "bbox_head"):
         if model.get(name) is not None:
             model[name].update(in_channels=width, feat_channels=width)
@@ -114,6 +121,48 @@ def narrow_detector_config(cfg, width: int = 32):
             roi.mask_roi_extractor.out_channels = width
             roi.mask_head.update(in_channels=width, conv_out_channels=width)
     return cfg
+
+
+# Layers of the transformers of query-based detectors in their narrow forms, and their queries.
+NARROW_LAYERS = dict(encoder=1, decoder=2, queries=30)
+# DINO's decoder encodes each reference box as 4 x 128 sine features for a 2 x embed_dims MLP:
+# its transformer is 256 wide whatever the config says, and the narrow form keeps that width.
+DETR_WIDTH = 256
+
+
+def _narrow_attention_stack(stack, width: int, layers: int) -> None:
+    """An MMDetection transformer encoder / decoder config (``layer_cfg`` of attentions and an FFN)
+    at ``width`` channels, 4 heads, ``layers`` layers."""
+    stack.num_layers = layers
+    for key, part in stack.layer_cfg.items():
+        if key.endswith("attn_cfg"):
+            part.embed_dims = width
+            part.num_heads = 4
+        elif key == "ffn_cfg":
+            part.update(embed_dims=width, feedforward_channels=min(2 * width, 256))
+
+
+def _narrow_detr(model, width: int) -> None:
+    """DINO / Deformable DETR / DETR: ``width``-channel transformer of few layers and queries."""
+    _narrow_attention_stack(model.encoder, width, NARROW_LAYERS["encoder"])
+    _narrow_attention_stack(model.decoder, width, NARROW_LAYERS["decoder"])
+    model.positional_encoding.num_feats = width // 2
+    model.bbox_head.embed_dims = width
+    model.num_queries = NARROW_LAYERS["queries"]
+    if model.get("dn_cfg") is not None:
+        model.dn_cfg.group_cfg.num_dn_queries = NARROW_LAYERS["queries"]
+    if model.get("test_cfg") is not None and "max_per_img" in model.test_cfg:
+        model.test_cfg.max_per_img = NARROW_LAYERS["queries"]
+
+
+def _narrow_mask2former(head, in_channels: list[int], width: int) -> None:
+    """Mask2Former's head (pixel decoder and transformer decoder) at ``width`` channels."""
+    head.update(in_channels=in_channels, feat_channels=width, out_channels=width,
+                num_queries=NARROW_LAYERS["queries"])
+    _narrow_attention_stack(head.pixel_decoder.encoder, width, NARROW_LAYERS["encoder"])
+    head.pixel_decoder.positional_encoding.num_feats = width // 2
+    _narrow_attention_stack(head.transformer_decoder, width, NARROW_LAYERS["decoder"])
+    head.positional_encoding.num_feats = width // 2
 
 
 def register_mmdet():
