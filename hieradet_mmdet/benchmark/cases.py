@@ -102,6 +102,7 @@ def narrow_detector_config(cfg, width: int = 32):
     indices = backbone.get("out_indices", (0, 1, 2, 3))
     if model.get("panoptic_head") is not None:
         _narrow_mask2former(model.panoptic_head, [stages[i] for i in indices], width)
+        model.test_cfg.max_per_image = NARROW_LAYERS["queries"]  # at most queries x classes
         return cfg
     model.neck.in_channels = [stages[i] for i in indices]
     model.neck.out_channels = width
@@ -117,6 +118,8 @@ def narrow_detector_config(cfg, width: int = 32):
         roi.bbox_roi_extractor.out_channels = width
         for head in roi.bbox_head if isinstance(roi.bbox_head, list) else [roi.bbox_head]:
             head.update(in_channels=width, fc_out_channels=2 * width)
+            if "conv_out_channels" in head:  # convolutional box heads (4conv1fc)
+                head.conv_out_channels = width
         if roi.get("mask_head") is not None:
             roi.mask_roi_extractor.out_channels = width
             roi.mask_head.update(in_channels=width, conv_out_channels=width)

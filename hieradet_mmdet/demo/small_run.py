@@ -2,6 +2,7 @@
 
 * :func:`small_run_overrides`: config entries for an iteration schedule of a few hundred steps
   with fewer proposals and RoI samples than COCO's defaults;
+* :func:`set_num_classes`: a detector config of any family for another number of classes;
 * :func:`calm_mask_logits`: the mask head's logit layer scaled for few classes;
 * :func:`metric_values`: COCO metrics of a run, 0 for what MMDetection leaves out.
 """
@@ -56,6 +57,25 @@ def small_run_overrides(max_iters: int, batch_size: int = 2, lr: float = 1e-4, w
         if with_mask:
             over["model.roi_head.mask_head.num_classes"] = num_classes
     return over
+
+
+def set_num_classes(model, num_classes: int) -> None:
+    """A detector config (``cfg.model``, in place) for ``num_classes`` thing classes, whatever the
+    family: dense and DETR heads, (cascade) RoI box and mask heads, Mask2Former's heads (no stuff
+    classes; the no-object class keeps Mask2Former's 0.1 weight)."""
+    if model.get("bbox_head") is not None:
+        model.bbox_head.num_classes = num_classes
+    roi = model.get("roi_head")
+    if roi is not None:
+        for part in ("bbox_head", "mask_head"):
+            heads = roi.get(part)
+            for head in heads if isinstance(heads, list) else [heads] if heads is not None else []:
+                head.num_classes = num_classes
+    for name in ("panoptic_head", "panoptic_fusion_head"):
+        if model.get(name) is not None:
+            model[name].update(num_things_classes=num_classes, num_stuff_classes=0)
+    if model.get("panoptic_head") is not None:
+        model.panoptic_head.loss_cls.class_weight = [1.0] * num_classes + [0.1]
 
 
 def calm_mask_logits(model, reference_classes: int = 80) -> None:

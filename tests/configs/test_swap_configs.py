@@ -41,3 +41,46 @@ def test_swap_config_matches_shared_settings(name):
     assert cfg.optim_wrapper.optimizer == shared.hieradet_optim_wrapper.optimizer
     assert cfg.optim_wrapper.constructor == shared.hieradet_optim_wrapper.constructor
     assert cfg.auto_scale_lr == shared.hieradet_auto_scale_lr
+
+
+USER_SWAP = """
+_base_ = 'mmdet::{base}'
+custom_imports = dict(imports=['hieradet_mmdet'], allow_failed_imports=False)
+custom_hooks = [dict(type='HieraDetCheckHook')]
+model = dict(
+    data_preprocessor=dict(mean=[0.5191 * 255, 0.5306 * 255, 0.4877 * 255],
+                           std=[0.2316 * 255, 0.2304 * 255, 0.2588 * 255], bgr_to_rgb=True),
+    backbone=dict(_delete_=True, type='HieraDet', arch='small', out_indices={indices}, drop_path_rate=0.2,
+                  init_cfg=None),
+    {takes})
+optim_wrapper = dict(
+    _delete_=True, type='OptimWrapper', constructor='HieraDetLayerDecayConstructor',
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4),
+    paramwise_cfg=dict(layer_decay_rate=0.85), clip_grad=dict(max_norm=0.1, norm_type=2))
+"""
+QUERY_BASED = {  # MMDetection config: (backbone stages, what takes them, predicts masks)
+    "dino/dino-4scale_r50_8xb2-12e_coco.py": ((1, 2, 3), "neck=dict(in_channels=[192, 384, 768])", False),
+    "deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py":
+        ((1, 2, 3), "neck=dict(in_channels=[192, 384, 768])", False),
+    "mask2former/mask2former_r50_8xb2-lsj-50e_coco.py":
+        ((0, 1, 2, 3), "panoptic_head=dict(in_channels=[96, 192, 384, 768])", True),
+}
+
+
+@pytest.mark.parametrize("base", sorted(QUERY_BASED))
+def test_five_step_swap_into_mmdetections_query_based_configs(base, tmp_path):
+    """docs/configs.md's five steps in a user's own config outside the repository, on MMDetection's
+    DINO, Deformable DETR and Mask2Former configs (narrow, for a train step and a prediction)."""
+    from mmengine.config import Config
+
+    from hieradet_mmdet.benchmark.cases import narrow_detector_config
+    from hieradet_mmdet.engine.checks import check_detector
+
+    indices, takes, with_mask = QUERY_BASED[base]
+    path = tmp_path / "my_config.py"
+    path.write_text(USER_SWAP.format(base=base, indices=indices, takes=takes))
+    cfg = Config.fromfile(str(path))
+    model = random_detector(narrow_detector_config(cfg))
+    check_detector(model)  # what HieraDetCheckHook runs: the backbone's stages fit what takes them
+    assert type(model.backbone).__name__ == "HieraDetBackbone"
+    assert_trains_and_predicts(model, cfg.optim_wrapper, with_mask=with_mask)
