@@ -17,7 +17,11 @@ IMAGE_SIZES = ((220, 300), (330, 200))  # (h, w) of the test images: landscape a
 SCORE_TOL, BOX_TOL, MASK_IOU = 1e-4, 0.5, 0.99
 TOP = 30  # detections compared per image, best first
 # Noise on the classification layers, per family, that spreads the scores out.
-CLASSIFIER_NOISE = {"retinanet": 3.0, "fcos": 0.03, "faster_rcnn": 0.3, "mask_rcnn": 0.3, "cascade_mask_rcnn": 0.3}
+CLASSIFIER_NOISE = {"retinanet": 3.0, "fcos": 0.03, "faster_rcnn": 0.3, "mask_rcnn": 0.3, "cascade_mask_rcnn": 0.3,
+                    "dino": 0.3, "deformable_detr": 0.3}
+# Their biases, where the noise alone leaves the scores near 0 or 1 (DETRs: near 1, then tied).
+CLASSIFIER_BIAS = {"retinanet": -2.0, "fcos": -2.0, "dino": -8.0, "deformable_detr": -6.0}
+CLASSIFIERS = {"retina_cls", "conv_cls", "conv_centerness", "rpn_cls", "fc_cls", "cls_branches"}
 
 NARROW_TRUNK = {"model.backbone.arch": dict(_delete_=True, depths=(1, 1, 2, 1), embed_dim=16, num_heads=1,
                                             global_pos_size=(7, 7), global_att_blocks=(3,),
@@ -36,6 +40,10 @@ FAMILIES = {  # config, overrides, test score threshold (real, varied detections
     "faster_rcnn": ("swap/faster-rcnn_hieradet-s_fpn_1x_coco.py", RPN, 0.5),
     "mask_rcnn": ("maskrcnn_hieradet_s.py", {**RPN, **MASK}, 0.35),
     "cascade_mask_rcnn": ("swap/cascade-mask-rcnn_hieradet-s_fpn_1x_coco.py", {**RPN, **MASK}, 0.28),
+    # query-based: narrow_detector_config's form, max_per_img detections of every image, no threshold
+    "dino": ("dino-4scale_hieradet-s_12e_coco.py", {"model.bbox_head.num_classes": 3}, None),
+    "deformable_detr": ("swap/deformable-detr-refine-twostage_hieradet-s_50e_coco.py",
+                        {"model.bbox_head.num_classes": 3}, None),
 }
 
 
@@ -62,14 +70,20 @@ def make_detector(family: str, directory: Path, data_root: Path) -> tuple[Path, 
     cfg = load_config(base)
     with_mask = "mask" in family
     cfg.merge_from_dict(synthetic_coco.mmdet_dataset_overrides(str(data_root), with_mask=with_mask, image_size=SIZE))
-    cfg.merge_from_dict({**NARROW_TRUNK, **overrides})
-    if "roi_head" in cfg.model:
+    if "decoder" in cfg.model:  # query-based
+        from hieradet_mmdet.benchmark.cases import narrow_detector_config
+
+        narrow_detector_config(cfg)
+        cfg.merge_from_dict(overrides)
+    elif "roi_head" in cfg.model:
+        cfg.merge_from_dict({**NARROW_TRUNK, **overrides})
         cfg.model.roi_head.bbox_roi_extractor.out_channels = 32
         heads = cfg.model.roi_head.bbox_head
         for head in heads if isinstance(heads, list) else [heads]:
             head.update(BBOX_HEAD)
         cfg.model.test_cfg.rcnn.update(score_thr=score_thr, max_per_img=TOP + 20)
     else:
+        cfg.merge_from_dict({**NARROW_TRUNK, **overrides})
         cfg.model.test_cfg.score_thr = score_thr
     cfg.model.backbone.init_cfg = None
     config = directory / f"{family}.py"
@@ -81,10 +95,11 @@ def make_detector(family: str, directory: Path, data_root: Path) -> tuple[Path, 
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
         for name, module in model.named_modules():  # scores spread out, away from 0 and from 1
-            if name.split(".")[-1] in ("retina_cls", "conv_cls", "conv_centerness", "rpn_cls", "fc_cls"):
+            parts = name.split(".")
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and CLASSIFIERS.intersection(parts[-2:]):
                 module.weight.add_(torch.randn(module.weight.shape, generator=gen) * CLASSIFIER_NOISE[family])
-                if name.endswith(("retina_cls", "conv_cls")):
-                    module.bias.fill_(-2.0)
+                if family in CLASSIFIER_BIAS and {"retina_cls", "conv_cls", "cls_branches"}.intersection(parts[-2:]):
+                    module.bias.fill_(CLASSIFIER_BIAS[family])
     checkpoint = directory / f"{family}.pth"
     torch.save({"state_dict": model.state_dict(),
                 "meta": {"dataset_meta": {"classes": list(synthetic_coco.CLASSES)}}}, checkpoint)

@@ -422,23 +422,29 @@ def load_detector_checkpoint(model, path: str) -> None:
 
 
 def neutral_heads(model) -> None:
-    """Heads that do the same work whatever the backbone: output layers zeroed, so every proposal
-    is an anchor with the same score and every RoI keeps its box, and the box classifier biased to
-    one class, so that the proposals become up to max_per_img detections of it as with trained
-    weights. With random weights the boxes would depend on the backbone, and RoIAlign's cost on
-    their sizes (it samples every bin adaptively): up to 3x between backbones."""
+    """Heads that do the same work whatever the backbone: output layers zeroed
+    (hieradet_mmdet.engine.amp.discover_head_outputs), so every proposal is an anchor with the same
+    score and every RoI keeps its box, and the box classifiers (the layers of a head's first output
+    with a background class: num_classes + 1 outputs) biased to one class, so that the proposals
+    become up to max_per_img detections of it as with trained weights. With random weights the
+    boxes would depend on the backbone, and RoIAlign's cost on their sizes (it samples every bin
+    adaptively): up to 3x between backbones."""
     import torch
 
-    from hieradet_mmdet.engine.amp import OUTPUT_LAYERS
+    from hieradet_mmdet.engine.amp import discover_head_outputs
 
+    found = discover_head_outputs(model)
     with torch.no_grad():
-        for name, module in model.named_modules():
-            last = name.rsplit(".", 1)[-1]
-            if last in OUTPUT_LAYERS:
-                for p in module.parameters():
-                    p.zero_()
-            if last == "fc_cls" and module.bias is not None:
-                module.bias[0] = 10.0
+        for module in found.layers.values():
+            for p in module.parameters():
+                p.zero_()
+        for head_name, outputs in found.per_head.items():
+            classes = getattr(model.get_submodule(head_name), "num_classes", None)
+            for index, layer_name in outputs:
+                layer = found.layers[layer_name]
+                if index == 0 and classes is not None and getattr(layer, "out_features", None) == classes + 1 \
+                        and layer.bias is not None:
+                    layer.bias[0] = 10.0
 
 
 class BackboneClock:

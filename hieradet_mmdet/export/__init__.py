@@ -7,6 +7,7 @@ onnxruntime (tools/onnx_infer.py, tools/classify.py --onnx). docs/export.md says
     boxes          priors, box decoding, per-image selection for a whole batch
     single_stage   RetinaNet, FCOS            } MMDetection's test-time maths around its own
     two_stage      Faster / Mask / Cascade    } modules, exportable
+    query_based    DINO, Deformable DETR      }
     exporting      writing ONNX / .pt2 files and running them (ExportTarget)
     metadata       the JSON written beside an exported file: written and read here only
     compare        comparing an exported detector's output with MMDetection's
@@ -18,6 +19,7 @@ onnxruntime (tools/onnx_infer.py, tools/classify.py --onnx). docs/export.md says
                    exported classifier
 
 The modules that hold the maths import no OpenMMLab code: they use the modules and settings of the
-detector they are given. torchvision provides the eager NMS and RoIAlign kernels. Nothing here
+detector they are given (query_based also swaps mmcv's deformable attention kernel for its own
+while its graph runs). torchvision provides the eager NMS and RoIAlign kernels. Nothing here
 imports hieradet_mmdet.engine (training).
 """

@@ -13,6 +13,8 @@ from .compare import BOX_TOL, SCORE_TOL, match_detections, summarise_matches
 from ..reference import rel_err
 from .exporting import ExportTarget
 from .metadata import base_metadata, tensor_spec
+from .query_based import SUPPORTED_DETECTORS as QUERY_BASED
+from .query_based import QueryBasedDetector
 from .single_stage import SingleStageDetector
 from .two_stage import TwoStageDetector
 
@@ -21,15 +23,22 @@ MASK_TOL = 1e-3       # absolute on mask probabilities
 TRACE_SIZE = (480, 640)  # (h, w) of the synthetic image the graph is traced with
 
 
+EXPORTABLE = "RetinaNet, FCOS, Faster R-CNN, Mask R-CNN, Cascade (Mask) R-CNN, DINO, Deformable DETR"
+
+
 def exportable_detector(detector: nn.Module) -> nn.Module:
     """RetinaNet / FCOS -> :class:`SingleStageDetector`; Faster / Mask / Cascade (Mask) R-CNN ->
-    :class:`TwoStageDetector`. Both share the detector's modules and weights; in eval mode."""
+    :class:`TwoStageDetector`; DINO / Deformable DETR -> :class:`QueryBasedDetector`. Each shares
+    the detector's modules and weights; in eval mode. Any other detector: NotImplementedError,
+    saying so in one line."""
+    kind = type(detector).__name__
     if hasattr(detector, "roi_head") and hasattr(detector, "rpn_head"):
         return TwoStageDetector(detector).eval()
-    if hasattr(detector, "bbox_head"):
+    if kind in QUERY_BASED:
+        return QueryBasedDetector(detector).eval()
+    if hasattr(detector, "bbox_head") and not hasattr(detector, "decoder"):
         return SingleStageDetector(detector).eval()
-    raise NotImplementedError(f"no export for {type(detector).__name__} detectors (supported: RetinaNet, FCOS, "
-                              "Faster R-CNN, Mask R-CNN, Cascade (Mask) R-CNN)")
+    raise NotImplementedError(f"{kind} detectors cannot be exported yet; exportable: {EXPORTABLE}")
 
 
 def output_names(module: nn.Module) -> list[str]:

@@ -57,9 +57,11 @@ def test_bf16_autocast_of_backbone_and_neck_only():
 
 
 @pytest.mark.parametrize("config", ["retinanet_hieradet_s.py", "swap/fcos_hieradet-s_fpn_1x_coco.py",
-                                    "swap/cascade-mask-rcnn_hieradet-s_fpn_1x_coco.py"])
+                                    "swap/cascade-mask-rcnn_hieradet-s_fpn_1x_coco.py",
+                                    "dino-4scale_hieradet-s_12e_coco.py", "mask2former_hieradet-s_lsj-50e_coco.py"])
 def test_every_shipped_detector_predicts_under_bf16_close_to_float32(config):
-    """Heads whose output layers stay float32 give the same top detections as float32 inference."""
+    """Heads whose output layers (and Mask2Former's mask logits) stay float32 give the same top
+    detections as float32 inference."""
     cfg = narrow_detector_config(load_config(config))
     with_mask = "mask" in config
     model = random_detector(cfg).eval()
@@ -73,6 +75,65 @@ def test_every_shipped_detector_predicts_under_bf16_close_to_float32(config):
         assert b.bboxes.dtype == b.scores.dtype == torch.float32
         if len(a) and len(b):
             assert torch.allclose(a.scores[:1], b.scores[:1], rtol=0.1, atol=1e-3)
+
+
+# The last layers of the heads of the five convolutional families, by their MMDetection names: what
+# discovery must find there.
+SHIPPED_OUTPUT_LAYERS = ("rpn_cls", "rpn_reg", "retina_cls", "retina_reg", "conv_cls", "conv_reg", "conv_centerness",
+                         "fc_cls", "fc_reg", "conv_logits")
+
+
+@pytest.mark.parametrize("config", ["maskrcnn_hieradet_s.py", "retinanet_hieradet_s.py",
+                                    "swap/fcos_hieradet-s_fpn_1x_coco.py", "swap/faster-rcnn_hieradet-s_fpn_1x_coco.py",
+                                    "swap/cascade-mask-rcnn_hieradet-s_fpn_1x_coco.py"])
+def test_the_output_layers_found_in_the_shipped_heads_are_their_last_layers(config):
+    model = random_detector(narrow_detector_config(load_config(config)))
+    expected = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in SHIPPED_OUTPUT_LAYERS]
+    assert len(expected) >= 2
+    found = amp.discover_head_outputs(model)
+    assert list(found.layers) == expected and found.composers == []
+    assert [m for m in amp.output_layers(model)] == [model.get_submodule(n) for n in expected]
+
+
+DECODER_LAYERS = 2  # narrow_detector_config's
+
+
+@pytest.mark.parametrize("config", ["dino-4scale_hieradet-s_12e_coco.py", "mask2former_hieradet-s_lsj-50e_coco.py"])
+def test_query_based_heads_give_float32_outputs_under_bf16(config):
+    """DINO: every decoder layer's class branch and its box branch's last Linear, and those of the
+    encoder's query selection (index num_layers); Mask2Former: the class embedding, the mask
+    embedding's last Linear and the pixel decoder's mask features, the two operands of the mask
+    logits, whose einsum (in the head's _forward_head) runs in float32 too."""
+    cfg = narrow_detector_config(load_config(config))
+    model = random_detector(cfg).eval()
+    found = amp.discover_head_outputs(model)
+    if "dino" in config:
+        head_name = "bbox_head"
+        expected = ([f"bbox_head.cls_branches.{i}" for i in range(DECODER_LAYERS + 1)]
+                    + [f"bbox_head.reg_branches.{i}.4" for i in range(DECODER_LAYERS + 1)])
+        composers, low = [], ["decoder.layers.0.ffn.layers.0.0", "encoder.layers.0.self_attn.value_proj"]
+    else:
+        head_name = "panoptic_head"
+        expected = ["panoptic_head.cls_embed", "panoptic_head.mask_embed.4", "panoptic_head.pixel_decoder.mask_feature"]
+        composers = [("panoptic_head", "_forward_head")]
+        low = ["panoptic_head.transformer_decoder.layers.0.ffn.layers.0.0",
+               "panoptic_head.pixel_decoder.encoder.layers.0.self_attn.value_proj"]
+    assert sorted(found.layers) == sorted(expected) and found.composers == composers
+    head_outputs = []
+    model.get_submodule(head_name).register_forward_hook(lambda m, i, o: head_outputs.append(o))
+    seen = record_dtypes(model, ["backbone.blocks.0.attn.qkv", *low, *expected])
+    data = model.data_preprocessor(synthetic_batch(with_mask="mask2former" in config), False)
+    with torch.no_grad(), amp.autocast_detector(model):
+        model(**data, mode="predict")
+    for name in ["backbone.blocks.0.attn.qkv", *low]:
+        assert seen[name][1] == torch.bfloat16, name  # the rest of the detector really ran in bf16
+    for name in expected:
+        assert seen[name][1] == torch.float32, name
+    (scores, boxes_or_masks), = head_outputs
+    assert len(scores) == len(boxes_or_masks) == DECODER_LAYERS + ("mask2former" in config)
+    for out in (*scores, *boxes_or_masks):
+        assert out.dtype == torch.float32
+    assert not [n for n, m in model.named_modules() if "forward" in vars(m) or "_forward_head" in vars(m)]
 
 
 def test_the_choice_between_bf16_and_float32_follows_the_measured_speed(monkeypatch):

@@ -17,7 +17,8 @@ def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("export_data"))
 
 
-@pytest.mark.parametrize("family", ["retinanet", "faster_rcnn", "fcos", "cascade_mask_rcnn"])
+@pytest.mark.parametrize("family", ["retinanet", "faster_rcnn", "fcos", "cascade_mask_rcnn", "dino",
+                                    "deformable_detr"])
 def test_every_family_equals_inference_detector(family, data, tmp_path):
     """Every family we ship, exported in-process as tools/export.py exports, against
     inference_detector at two image sizes."""

@@ -167,3 +167,15 @@ def test_export_arguments_are_checked_before_any_work():
                           (["--classifier", "x", "--backbone-only", "--out", "m.onnx"], "go with a CONFIG")]:
         proc = run_tool("tools/export.py", *argv)
         assert proc.returncode == 2 and message in proc.stderr, fail_text(proc)
+
+
+def test_a_family_without_export_is_named_in_one_line(tmp_path):
+    """Mask2Former has no exportable form: the tool says so and which families have one, exits
+    non-zero and writes nothing."""
+    proc = run_tool("tools/export.py", "configs/mask2former_hieradet-s_lsj-50e_coco.py", "--out", tmp_path / "x.onnx",
+                    "--cfg-options", "model.backbone.init_cfg=None")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, fail_text(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: Mask2Former detectors cannot be exported yet; exportable: RetinaNet, FCOS, Faster R-CNN, "
+                      "Mask R-CNN, Cascade (Mask) R-CNN, DINO, Deformable DETR"], proc.stderr
+    assert not (tmp_path / "x.onnx").exists()
