@@ -178,6 +178,7 @@ def test_amp_on_a_gpu_machine_is_mmengines_fp16_amp_with_dynamic_loss_scaling(mo
     from mmengine.optim import AmpOptimWrapper, build_optim_wrapper
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # MMLogger looks up the device id
     cfg = load_config("maskrcnn_hieradet_s.py")
     wrapper_cfg = copy.deepcopy(cfg.optim_wrapper)
     message = amp.use_mixed_precision(wrapper_cfg, torch.cuda.is_available())
