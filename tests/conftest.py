@@ -3,6 +3,7 @@ same random state whatever ran before it, and a skipped test fails the run."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -11,7 +12,9 @@ import torch
 
 from helpers import CHECKPOINT_SIZE, CLASS_TO_IDX, make_birder_model, save_birder_checkpoints
 
-torch.set_num_threads(2)
+# One thread per pytest-xdist worker on a 2-core machine: the tests' models are small, and two
+# workers with two threads each spend a quarter of the run waiting on each other.
+torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(autouse=True)

@@ -318,3 +318,43 @@ def tiny_epoch_config(directory: Path, record_loads: bool = False, **options) ->
         cfg.train_dataloader.dataset.pipeline.insert(0, dict(type="RecordLoads", path=str(directory / "loads.txt")))
         cfg.dump(str(path))
     return path
+
+
+def tiny_any_config(directory: Path, name: str, with_mask: bool, size: int = 96) -> Path:
+    """A config of configs/ of any family (DINO, Mask2Former, the LSJ recipes) on a synthetic set of
+    ``size`` px, narrow, with its own loop type: one epoch of two batches (or two iterations),
+    validated and checkpointed at the end; images padded to ``size`` where the config pads to a
+    fixed size."""
+    from hieradet_mmdet.benchmark.cases import narrow_detector_config
+    from hieradet_mmdet.demo import synthetic_coco
+    from hieradet_mmdet.demo.small_run import set_num_classes
+
+    data = directory / "data"
+    synthetic_coco.generate(str(data), num_train=4, num_val=2, size=size, seed=1)
+    cfg = load_config(name)
+    overrides = synthetic_coco.mmdet_dataset_overrides(str(data), with_mask=with_mask, image_size=size)
+    inner = cfg.train_dataloader.dataset
+    while inner.type == "RepeatDataset":  # the LSJ configs: 25 passes over the set repeated 4 times
+        inner.times = 1
+        inner = inner.dataset
+    inner.update(overrides.pop("train_dataloader.dataset"))
+    cfg.merge_from_dict(overrides)
+    narrow_detector_config(cfg)
+    shrink_two_stage(cfg)
+    set_num_classes(cfg.model, len(synthetic_coco.CLASSES))
+    cfg.model.backbone.init_cfg = None
+    for augment in cfg.model.data_preprocessor.get("batch_augments") or []:
+        augment.size = (size, size)
+    if cfg.model.get("test_cfg", {}).get("rcnn") is not None:
+        cfg.model.test_cfg.rcnn.score_thr = 0.0  # an untrained model still gives boxes: real AP numbers
+    loader = dict(batch_size=2, num_workers=0, persistent_workers=False)
+    cfg.merge_from_dict({"train_dataloader": loader, "val_dataloader": dict(loader, batch_size=1),
+                         "test_dataloader": dict(loader, batch_size=1), "default_hooks.logger.interval": 1})
+    if cfg.train_cfg.type == "ResumableIterBasedTrainLoop":
+        cfg.train_cfg.update(max_iters=2, val_interval=2, dynamic_intervals=None)
+        cfg.default_hooks.checkpoint.interval = 2
+    else:
+        cfg.train_cfg.update(max_epochs=1, val_interval=1)
+    path = directory / f"tiny_{name}"
+    cfg.dump(str(path))
+    return path

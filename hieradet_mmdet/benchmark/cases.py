@@ -22,12 +22,25 @@ MODELS: dict[str, dict[str, Any]] = {
     "hieradet_d_small": dict(kind="ours", arch="d_small"),
     "birder_small": dict(kind="birder", arch="small"),
     "birder_d_small": dict(kind="birder", arch="d_small"),
-    "swin_t": dict(kind="mmdet", config="mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py"),
-    "r50": dict(kind="mmdet", config="mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"),
+    "swin_t": dict(kind="mmdet"),
+    "r50": dict(kind="mmdet"),
+}
+SWIN_T_MASK_RCNN = "mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py"
+# The detector modes' detectors: our configs for our models, MMDetection's for Swin-T and R-50.
+# MMDetection has no Swin-T DINO: its R-50 DINO takes Swin-T's backbone (strides 8-32), as its
+# Swin-L DINO config takes Swin-L's.
+DETECTORS: dict[str, dict[str, str]] = {
+    "mask_rcnn": dict(ours="maskrcnn_hieradet_s.py", swin_t=SWIN_T_MASK_RCNN,
+                      r50="mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py"),
+    "dino": dict(ours="dino-4scale_hieradet-s_12e_coco.py", swin_t="mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py",
+                 r50="mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py"),
+    "mask2former": dict(ours="mask2former_hieradet-s_lsj-50e_coco.py",
+                        swin_t="mmdet::mask2former/mask2former_swin-t-p4-w7-224_8xb2-lsj-50e_coco.py",
+                        r50="mmdet::mask2former/mask2former_r50_8xb2-lsj-50e_coco.py"),
 }
 MODES = ("backbone", "backbone-train", "detector-infer", "detector-train")
 DTYPES = ("fp32", "bf16")
-HIERADET_DETECTOR_CONFIG = REPO / "configs" / "maskrcnn_hieradet_s.py"
+CONFIGS = REPO / "configs"
 
 
 def make_ours(arch: str, size: tuple[int, int], with_cp: bool = False):
@@ -54,22 +67,27 @@ def _config_path(path: str) -> str:
     return path
 
 
-def detector_config(name: str, with_cp: bool = False, config: Optional[str] = None):
-    """The Mask R-CNN config of a model of MODELS (ours: ``config``, by default
-    configs/maskrcnn_hieradet_s.py, with the model's arch), without pretrained weights."""
+def detector_config(name: str, with_cp: bool = False, config: Optional[str] = None, detector: str = "mask_rcnn"):
+    """The ``detector`` (of DETECTORS) config of a model of MODELS (ours: ``config`` if given, with
+    the model's arch), without pretrained weights."""
     from mmengine.config import Config
 
     arch = MODELS[name].get("arch")
     if MODELS[name]["kind"] == "ours":
-        if config or HIERADET_DETECTOR_CONFIG.exists():
-            cfg = Config.fromfile(str(config or HIERADET_DETECTOR_CONFIG))
-        else:  # the R50 Mask R-CNN with the backbone swapped
-            cfg = Config.fromfile(_config_path(MODELS["r50"]["config"]))
+        ours = Path(config) if config else CONFIGS / DETECTORS[detector]["ours"]
+        if ours.exists():
+            cfg = Config.fromfile(str(ours))
+        else:  # a bare copy of this package (the device check's): the R50 Mask R-CNN, backbone swapped
+            cfg = Config.fromfile(_config_path(DETECTORS["mask_rcnn"]["r50"]))
             cfg.model.backbone = dict(type="HieraDet", arch=arch, out_indices=(0, 1, 2, 3), drop_path_rate=0.2)
             cfg.model.neck.in_channels = [96, 192, 384, 768]
         cfg.model.backbone.arch = arch
     else:
-        cfg = Config.fromfile(_config_path(MODELS[name]["config"]))
+        cfg = Config.fromfile(_config_path(DETECTORS[detector][name]))
+        if detector == "dino" and name == "swin_t":
+            swin = Config.fromfile(_config_path(SWIN_T_MASK_RCNN)).model.backbone
+            cfg.model.backbone = dict(swin, out_indices=(1, 2, 3))
+            cfg.model.neck.in_channels = [192, 384, 768]
     cfg.model.backbone.init_cfg = None  # random weights: no download, same cost
     cfg.model.backbone.with_cp = with_cp
     return cfg
@@ -202,7 +220,7 @@ def build_backbone(name: str, size: tuple[int, int], with_cp: bool):
 
 
 def case_detector(name: str, with_cp: bool = False, heads: str = "neutral", config: Optional[str] = None,
-                  cfg=None):
+                  cfg=None, detector: str = "mask_rcnn"):
     """A detector of MODELS with random weights (seeded): ``heads`` 'neutral' (neutral_heads) or
     'random'; ``cfg``: this config instead of detector_config's."""
     spec = MODELS[name]
@@ -213,7 +231,7 @@ def case_detector(name: str, with_cp: bool = False, heads: str = "neutral", conf
     from mmdet.registry import MODELS as REGISTRY
 
     torch.manual_seed(SEED)
-    cfg = cfg if cfg is not None else detector_config(name, with_cp, config)
+    cfg = cfg if cfg is not None else detector_config(name, with_cp, config, detector)
     if heads == "random" and cfg.model.get("test_cfg", {}).get("rcnn") is not None:
         # Random weights give few or many detections above the usual 0.05 score threshold; keep
         # every one (up to max_per_img) so that the mask head does the same work in every model.
@@ -401,7 +419,8 @@ def _prepare(case: dict[str, Any]) -> dict[str, Any]:
     else:
         training = mode == "detector-train"
         heads = "checkpoint" if case.get("checkpoint") else case.get("heads", "neutral")
-        model = case_detector(name, case["with_cp"], heads, case.get("config")).to(device)
+        model = case_detector(name, case["with_cp"], heads, case.get("config"),
+                              detector=case.get("detector", "mask_rcnn")).to(device)
         if case.get("checkpoint"):
             load_detector_checkpoint(model, case["checkpoint"])
         model.train(training)
@@ -423,7 +442,7 @@ def load_detector_checkpoint(model, path: str) -> None:
 
 def neutral_heads(model) -> None:
     """Heads that do the same work whatever the backbone: output layers zeroed
-    (hieradet_mmdet.engine.amp.discover_head_outputs), so every proposal is an anchor with the same
+    (hieradet_mmdet.engine.head_outputs), so every proposal is an anchor with the same
     score and every RoI keeps its box, and the box classifiers (the layers of a head's first output
     with a background class: num_classes + 1 outputs) biased to one class, so that the proposals
     become up to max_per_img detections of it as with trained weights. With random weights the
@@ -431,7 +450,7 @@ def neutral_heads(model) -> None:
     adaptively): up to 3x between backbones."""
     import torch
 
-    from hieradet_mmdet.engine.amp import discover_head_outputs
+    from hieradet_mmdet.engine.head_outputs import discover_head_outputs
 
     found = discover_head_outputs(model)
     with torch.no_grad():

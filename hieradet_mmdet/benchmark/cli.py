@@ -14,9 +14,13 @@ peak is the live-tensor peak. Page faults make that mode slower, so take times f
 Modes:
   backbone        forward of the backbone alone, no autograd
   backbone-train  forward + backward of the backbone (loss: mean of squared outputs)
-  detector-infer  Mask R-CNN + FPN inference (mode='predict'), no autograd; the R-CNN score
+  detector-infer  --detector inference (mode='predict'), no autograd; Mask R-CNN's score
                   threshold is 0 so every model segments its 100 best detections
-  detector-train  Mask R-CNN + FPN train step: forward, losses, backward, AdamW step
+  detector-train  --detector train step: forward, losses, backward, AdamW step
+
+Detectors (--detector): mask_rcnn (Mask R-CNN + FPN, the default), dino (DINO 4-scale) and
+mask2former (Mask2Former, instance): configs/ for our models, MMDetection's configs for swin_t and
+r50 (DINO with Swin-T: MMDetection's R-50 DINO with the Swin-T backbone, strides 8-32).
 
 Models: hieradet_small / hieradet_d_small (this repo; windowed SAM2 layout / global layout),
 birder_small / birder_d_small (birder's own HieraDet-S; backbone modes only; needs birder),
@@ -48,7 +52,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .cases import DTYPES, MODELS, MODES, REPO, loadavg, run_case, run_paired
+from .cases import DETECTORS, DTYPES, MODELS, MODES, REPO, loadavg, run_case, run_paired
 from .memory import EXACT_MALLOC_ENV
 from .report import (amp_choice, comparisons, gemm_gflops, machine_info, merge_rounds, print_table, summarize_times,
                      write_json)
@@ -100,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="detector modes: 'neutral' zeroes the heads' output layers, so that every model's "
                              "heads get the same proposals and detections (the anchors) and do the same work; "
                              "'random' keeps the random initialisation, whose boxes depend on the backbone")
-    parser.add_argument("--config", help="detector modes, our models: the detector config (default "
-                                         "configs/maskrcnn_hieradet_s.py)")
+    parser.add_argument("--detector", choices=sorted(DETECTORS), default="mask_rcnn",
+                        help="detector modes: the detector every model is put into (default mask_rcnn)")
+    parser.add_argument("--config", help="detector modes, our models: this detector config instead of --detector's "
+                                         "in configs/")
     parser.add_argument("--checkpoint", help="detector modes, our models: a trained checkpoint of --config's detector "
                                              "(bf16 rows then compare their detections with fp32's)")
     parser.add_argument("--images", nargs="+", metavar="IMAGE",
@@ -134,7 +140,8 @@ def make_cases(args) -> list[dict[str, Any]]:
                                           with_cp=with_cp, device=args.device, threads=args.threads,
                                           iters=args.iters, warmup=args.warmup, flops=args.flops,
                                           accuracy=args.accuracy, malloc=args.malloc, heads=args.heads,
-                                          config=args.config, checkpoint=args.checkpoint, images=args.images,
+                                          config=args.config, detector=args.detector,
+                                          checkpoint=args.checkpoint, images=args.images,
                                           profile=str(args.profile) if args.profile else None))
     return cases
 

@@ -187,7 +187,8 @@ def print_table(results: list[dict[str, Any]], file=None, markdown: bool = False
     rows = []
     for r in results:
         size = f"{r['batch']}x{r['size'][0]}x{r['size'][1]}"
-        first = [r["model"], r["mode"], r["dtype"], size, "on" if r["with_cp"] else ""]
+        mode = r["mode"] if not r["mode"].startswith("detector") else f"{r['mode']} {r.get('detector', 'mask_rcnn')}"
+        first = [r["model"], mode, r["dtype"], size, "on" if r["with_cp"] else ""]
         if r.get("status") != "ok":
             rows.append(first + [""] * 11 + [f"{r.get('status')}: {r.get('reason', '')}"[:160]])
             continue

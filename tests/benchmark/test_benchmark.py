@@ -101,6 +101,24 @@ def test_detector_cases_split_the_time_at_the_backbone():
         assert row["gflop_per_s"] > 0 and 0 < row["of_linear_peak"]
 
 
+@pytest.mark.parametrize("detector", ["dino", "mask2former"])
+def test_query_based_detectors_cost_the_same_outside_the_backbone(detector):
+    """DINO and Mask2Former with HieraDet-S and with Swin-T, whose stages have the same channels:
+    with neutral heads the rest of the detector does the same work, so the FLOPs counted outside
+    the backbone agree, and the backbone's share is what differs."""
+    common = ["--sizes", "128x128", "--iters", "1", "--warmup", "0", "--threads", "1", "--no-isolate",
+              "--no-accuracy"]
+    flops = {}
+    for mode in ("backbone", "detector-infer"):
+        report = tool.main(["--models", "hieradet_small", "swin_t", "--mode", mode, "--detector", detector, *common])
+        for row in report["results"]:
+            assert row["status"] == "ok", row.get("reason")
+            flops[row["model"], mode] = row["gflops"]
+    outside = {m: flops[m, "detector-infer"] - flops[m, "backbone"] for m in ("hieradet_small", "swin_t")}
+    assert outside["hieradet_small"] > 0
+    assert outside["hieradet_small"] == pytest.approx(outside["swin_t"], rel=1e-3), flops
+
+
 def test_detection_agreement_compares_two_predictions():
     """MMDetection's predict writes into the data samples it is given and returns them; the
     reduced-precision results must be kept before the float32 call, or fp32 is compared with itself."""

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import fail_text, load_config, random_detector, run_tool, shrink_two_stage
+from helpers import fail_text, load_config, random_detector, run_tool, tiny_any_config
 
-SIZE = 96  # synthetic images, and the fixed-size padding of the LSJ configs in these runs
 TRAINED = {  # config: (detector, COCO metrics its evaluator reports)
     "dino-4scale_hieradet-s_12e_coco.py": ("DINO", ("bbox",)),
     "dino-5scale_hieradet-s_12e_coco.py": ("DINO", ("bbox",)),
@@ -88,45 +87,6 @@ def test_lsj_recipe_is_vitdets(name):
     assert cfg.model.rpn_head.num_convs == 2 and cfg.model.neck.norm_cfg.type == "GN"
 
 
-def tiny_config(directory, name: str):
-    """``name``'s config on the synthetic set, narrow, with its own loop type: one epoch of two
-    batches (or two iterations), validated and checkpointed at the end."""
-    from hieradet_mmdet.benchmark.cases import narrow_detector_config
-    from hieradet_mmdet.demo import synthetic_coco
-    from hieradet_mmdet.demo.small_run import set_num_classes
-
-    data = directory / "data"
-    synthetic_coco.generate(str(data), num_train=4, num_val=2, size=SIZE, seed=1)
-    cfg = load_config(name)
-    metrics = TRAINED[name][1]
-    overrides = synthetic_coco.mmdet_dataset_overrides(str(data), with_mask="segm" in metrics, image_size=SIZE)
-    inner = cfg.train_dataloader.dataset
-    while inner.type == "RepeatDataset":  # the LSJ configs: 25 passes over the set repeated 4 times
-        inner.times = 1
-        inner = inner.dataset
-    inner.update(overrides.pop("train_dataloader.dataset"))
-    cfg.merge_from_dict(overrides)
-    narrow_detector_config(cfg)
-    shrink_two_stage(cfg)
-    set_num_classes(cfg.model, len(synthetic_coco.CLASSES))
-    cfg.model.backbone.init_cfg = None
-    for augment in cfg.model.data_preprocessor.get("batch_augments") or []:
-        augment.size = (SIZE, SIZE)
-    if cfg.model.get("test_cfg", {}).get("rcnn") is not None:
-        cfg.model.test_cfg.rcnn.score_thr = 0.0  # an untrained model still gives boxes: real AP numbers
-    loader = dict(batch_size=2, num_workers=0, persistent_workers=False)
-    cfg.merge_from_dict({"train_dataloader": loader, "val_dataloader": dict(loader, batch_size=1),
-                         "test_dataloader": dict(loader, batch_size=1), "default_hooks.logger.interval": 1})
-    if cfg.train_cfg.type == "ResumableIterBasedTrainLoop":
-        cfg.train_cfg.update(max_iters=2, val_interval=2, dynamic_intervals=None)
-        cfg.default_hooks.checkpoint.interval = 2
-    else:
-        cfg.train_cfg.update(max_epochs=1, val_interval=1)
-    path = directory / name
-    cfg.dump(str(path))
-    return path
-
-
 @pytest.mark.parametrize("name", sorted(TRAINED))
 def test_config_trains_tests_and_evaluates_with_coco_metrics(name, tmp_path):
     """MMDetection's own Runner through our prepare_config, as tools/train.py and tools/test.py run it."""
@@ -134,7 +94,7 @@ def test_config_trains_tests_and_evaluates_with_coco_metrics(name, tmp_path):
 
     from hieradet_mmdet.engine.runner import build_runner, prepare_config
 
-    cfg = Config.fromfile(str(tiny_config(tmp_path, name)))
+    cfg = Config.fromfile(str(tiny_any_config(tmp_path, name, with_mask="segm" in TRAINED[name][1])))
     cfg.work_dir = str(tmp_path / "work")
     prepare_config(cfg)
     runner = build_runner(cfg)
@@ -149,7 +109,7 @@ def test_config_trains_tests_and_evaluates_with_coco_metrics(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["dino-4scale_hieradet-s_12e_coco.py", "mask2former_hieradet-s_lsj-50e_coco.py"])
 def test_our_train_py_resumes_an_epoch_and_an_iteration_config(name, tmp_path):
-    config = tiny_config(tmp_path, name)
+    config = tiny_any_config(tmp_path, name, with_mask="segm" in TRAINED[name][1])
     work = tmp_path / "work"
     iteration_based = "mask2former" in name
     first = ["--cfg-options", "train_cfg.max_iters=1" if iteration_based else "train_cfg.max_epochs=1"]

@@ -11,7 +11,7 @@ import torch
 
 from helpers import assert_trains_and_predicts, load_config, random_detector, synthetic_batch
 from hieradet_mmdet.benchmark.cases import narrow_detector_config
-from hieradet_mmdet.engine import amp
+from hieradet_mmdet.engine import amp, head_outputs
 
 
 def record_dtypes(model, names):
@@ -90,9 +90,9 @@ def test_the_output_layers_found_in_the_shipped_heads_are_their_last_layers(conf
     model = random_detector(narrow_detector_config(load_config(config)))
     expected = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in SHIPPED_OUTPUT_LAYERS]
     assert len(expected) >= 2
-    found = amp.discover_head_outputs(model)
+    found = head_outputs.discover_head_outputs(model)
     assert list(found.layers) == expected and found.composers == []
-    assert [m for m in amp.output_layers(model)] == [model.get_submodule(n) for n in expected]
+    assert [m for m in head_outputs.output_layers(model)] == [model.get_submodule(n) for n in expected]
 
 
 DECODER_LAYERS = 2  # narrow_detector_config's
@@ -106,7 +106,7 @@ def test_query_based_heads_give_float32_outputs_under_bf16(config):
     logits, whose einsum (in the head's _forward_head) runs in float32 too."""
     cfg = narrow_detector_config(load_config(config))
     model = random_detector(cfg).eval()
-    found = amp.discover_head_outputs(model)
+    found = head_outputs.discover_head_outputs(model)
     if "dino" in config:
         head_name = "bbox_head"
         expected = ([f"bbox_head.cls_branches.{i}" for i in range(DECODER_LAYERS + 1)]
@@ -119,8 +119,8 @@ def test_query_based_heads_give_float32_outputs_under_bf16(config):
         low = ["panoptic_head.transformer_decoder.layers.0.ffn.layers.0.0",
                "panoptic_head.pixel_decoder.encoder.layers.0.self_attn.value_proj"]
     assert sorted(found.layers) == sorted(expected) and found.composers == composers
-    head_outputs = []
-    model.get_submodule(head_name).register_forward_hook(lambda m, i, o: head_outputs.append(o))
+    given = []
+    model.get_submodule(head_name).register_forward_hook(lambda m, i, o: given.append(o))
     seen = record_dtypes(model, ["backbone.blocks.0.attn.qkv", *low, *expected])
     data = model.data_preprocessor(synthetic_batch(with_mask="mask2former" in config), False)
     with torch.no_grad(), amp.autocast_detector(model):
@@ -129,7 +129,7 @@ def test_query_based_heads_give_float32_outputs_under_bf16(config):
         assert seen[name][1] == torch.bfloat16, name  # the rest of the detector really ran in bf16
     for name in expected:
         assert seen[name][1] == torch.float32, name
-    (scores, boxes_or_masks), = head_outputs
+    (scores, boxes_or_masks), = given
     assert len(scores) == len(boxes_or_masks) == DECODER_LAYERS + ("mask2former" in config)
     for out in (*scores, *boxes_or_masks):
         assert out.dtype == torch.float32

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import fail_text, run_tool, tiny_detector_config
+from helpers import fail_text, run_tool, tiny_any_config, tiny_detector_config
 
 ITERS = 2
 
@@ -94,6 +94,16 @@ def test_det_inferencer_and_init_detector_load_what_train_py_wrote(user_run):
 def test_mmdet_get_flops_counts_a_hieradet_mask_rcnn(tmp_path):
     config, _ = tiny_detector_config(tmp_path, iters=ITERS)  # HieraDet-S itself
     proc = run_tool(mmdet_tool("analysis_tools/get_flops.py"), config, "--num-images", "2", cwd=tmp_path)
+    assert proc.returncode == 0, fail_text(proc)
+    flops = re.search(r"^Flops: ([0-9.]+)G$", proc.stdout, re.M)
+    assert flops and float(flops.group(1)) > 0, fail_text(proc)
+    assert "scaled_dot_product" not in proc.stdout + proc.stderr  # no attention left uncounted
+
+
+@pytest.mark.parametrize("name", ["dino-4scale_hieradet-s_12e_coco.py", "mask2former_hieradet-s_lsj-50e_coco.py"])
+def test_mmdet_get_flops_counts_dino_and_mask2former(name, tmp_path):
+    config = tiny_any_config(tmp_path, name, with_mask="mask2former" in name)  # narrow: seconds
+    proc = run_tool(mmdet_tool("analysis_tools/get_flops.py"), config, "--num-images", "1", cwd=tmp_path)
     assert proc.returncode == 0, fail_text(proc)
     flops = re.search(r"^Flops: ([0-9.]+)G$", proc.stdout, re.M)
     assert flops and float(flops.group(1)) > 0, fail_text(proc)
