@@ -13,15 +13,22 @@ from typing import Optional
 
 from torch import nn
 
+from . import mmengine_adapter as mmengine_api
+
 DEFAULT_SCOPE = "mmdet"
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None):
     """An MMEngine Config from ``path``, ``cfg_options`` (``--cfg-options``) merged, default scope
-    ``mmdet`` unless the config names one."""
+    ``mmdet`` unless the config names one.
+
+    The config text MMEngine logs and writes into the work dir is not run through yapf: formatting
+    a detector config takes 1-3 s each time (a Runner does it twice), and the text is the same
+    Python either way."""
     from mmengine.config import Config
 
     cfg = Config.fromfile(path)
+    mmengine_api.skip_config_formatting(cfg)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     cfg.setdefault("default_scope", DEFAULT_SCOPE)

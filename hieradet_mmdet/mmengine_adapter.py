@@ -52,6 +52,14 @@ def _require_method(cls: type, name: str, params: tuple[str, ...], contact: str)
 # Runner.__init__ keeps cfg.resume / cfg.load_from as _resume / _load_from and reads them in
 # load_or_resume(), after the hooks' before_run: a hook may choose the checkpoint there.
 
+def skip_config_formatting(cfg) -> None:
+    """Config text (``pretty_text``, ``dump``) without yapf formatting: MMEngine 0.10's
+    ``Config.fromfile`` drops its ``format_python_code`` argument for ordinary config files, so the
+    flag is set on the config itself."""
+    _attribute(cfg, "_format_python_code", "Config._format_python_code")
+    object.__setattr__(cfg, "_format_python_code", False)
+
+
 def resume_requested(runner) -> bool:
     return bool(_attribute(runner, "_resume", "Runner._resume"))
 

@@ -194,3 +194,16 @@ def test_setup_env_keeps_a_process_group_that_exists(tmp_path, monkeypatch):
         assert runner.distributed and runner.world_size == 1
     finally:
         dist.destroy_process_group()
+
+
+def test_config_text_without_yapf_is_the_same_config(tmp_path):
+    from mmengine.config import Config
+
+    path = tmp_path / "c.py"
+    path.write_text("model = dict(type='X', layers=[dict(a=1, b=(2, 3)), dict(c='d')])\nlr = 0.1\n")
+    cfg = Config.fromfile(str(path))
+    api.skip_config_formatting(cfg)
+    assert cfg._format_python_code is False
+    text = cfg.pretty_text  # formatted or not, the text is Python that reads back as the same config
+    again = Config.fromstring(text, ".py")
+    assert again.to_dict() == cfg.to_dict()

@@ -121,6 +121,7 @@ def narrow_detector_config(cfg, width: int = 32):
     if model.get("panoptic_head") is not None:
         _narrow_mask2former(model.panoptic_head, [stages[i] for i in indices], width)
         model.test_cfg.max_per_image = NARROW_LAYERS["queries"]  # at most queries x classes
+        model.train_cfg.num_points = NARROW_LAYERS["mask_points"]  # points sampled per mask for matching and losses
         return cfg
     model.neck.in_channels = [stages[i] for i in indices]
     model.neck.out_channels = width
@@ -144,8 +145,9 @@ def narrow_detector_config(cfg, width: int = 32):
     return cfg
 
 
-# Layers of the transformers of query-based detectors in their narrow forms, and their queries.
-NARROW_LAYERS = dict(encoder=1, decoder=2, queries=30)
+# Layers of the transformers of query-based detectors in their narrow forms, their queries, and
+# Mask2Former's points per mask (12,544 in its configs).
+NARROW_LAYERS = dict(encoder=1, decoder=2, queries=30, mask_points=28 * 28)
 # DINO's decoder encodes each reference box as 4 x 128 sine features for a 2 x embed_dims MLP:
 # its transformer is 256 wide whatever the config says, and the narrow form keeps that width.
 DETR_WIDTH = 256

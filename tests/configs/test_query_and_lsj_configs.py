@@ -4,12 +4,14 @@ tested and evaluated with COCO metrics on the synthetic set (narrow forms, a few
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import fail_text, load_config, random_detector, run_tool, tiny_any_config
+from helpers import ROOT, fail_text, load_config, random_detector, run_tool, tiny_any_config
 
 TRAINED = {  # config: (detector, COCO metrics its evaluator reports)
     "dino-4scale_hieradet-s_12e_coco.py": ("DINO", ("bbox",)),
@@ -87,14 +89,16 @@ def test_lsj_recipe_is_vitdets(name):
     assert cfg.model.rpn_head.num_convs == 2 and cfg.model.neck.norm_cfg.type == "GN"
 
 
-@pytest.mark.parametrize("name", sorted(TRAINED))
+# The two configs of test_train_py_resumes_..._and_evaluates are trained and evaluated there.
+RESUMED = {"dino-4scale_hieradet-s_12e_coco.py": "ours", "mask2former_hieradet-s_lsj-50e_coco.py": "mmdetection's"}
+
+
+@pytest.mark.parametrize("name", sorted(set(TRAINED) - set(RESUMED)))
 def test_config_trains_tests_and_evaluates_with_coco_metrics(name, tmp_path):
     """MMDetection's own Runner through our prepare_config, as tools/train.py and tools/test.py run it."""
-    from mmengine.config import Config
-
     from hieradet_mmdet.engine.runner import build_runner, prepare_config
 
-    cfg = Config.fromfile(str(tiny_any_config(tmp_path, name, with_mask="segm" in TRAINED[name][1])))
+    cfg = load_config(tiny_any_config(tmp_path, name, with_mask="segm" in TRAINED[name][1]))
     cfg.work_dir = str(tmp_path / "work")
     prepare_config(cfg)
     runner = build_runner(cfg)
@@ -107,20 +111,31 @@ def test_config_trains_tests_and_evaluates_with_coco_metrics(name, tmp_path):
         assert math.isfinite(value) and 0.0 <= value <= 1.0, metrics
 
 
-@pytest.mark.parametrize("name", ["dino-4scale_hieradet-s_12e_coco.py", "mask2former_hieradet-s_lsj-50e_coco.py"])
-def test_our_train_py_resumes_an_epoch_and_an_iteration_config(name, tmp_path):
+def mmdet_train_py():
+    import mmdet
+
+    return Path(mmdet.__file__).parent / ".mim" / "tools" / "train.py"
+
+
+@pytest.mark.parametrize("name, tool", sorted(RESUMED.items()))
+def test_train_py_resumes_an_epoch_and_an_iteration_config_and_evaluates(name, tool, tmp_path):
+    """Our tools/train.py on the epoch-based DINO, MMDetection's own on the iteration-based
+    Mask2Former: train, resume, and the validation's COCO metrics."""
     config = tiny_any_config(tmp_path, name, with_mask="segm" in TRAINED[name][1])
+    train = ROOT / "tools" / "train.py" if tool == "ours" else mmdet_train_py()
     work = tmp_path / "work"
     iteration_based = "mask2former" in name
-    first = ["--cfg-options", "train_cfg.max_iters=1" if iteration_based else "train_cfg.max_epochs=1"]
-    proc = run_tool("tools/train.py", config, "--work-dir", work, *first)
+    length = "train_cfg.max_iters" if iteration_based else "train_cfg.max_epochs"
+    proc = run_tool(train, config, "--work-dir", work, "--cfg-options", f"{length}=1", cwd=tmp_path)
     assert proc.returncode == 0, fail_text(proc)
-    more = "train_cfg.max_iters=2" if iteration_based else "train_cfg.max_epochs=2"
-    proc = run_tool("tools/train.py", config, "--work-dir", work, "--resume", "--cfg-options", more)
+    proc = run_tool(train, config, "--work-dir", work, "--resume", "--cfg-options", f"{length}=2", cwd=tmp_path)
     assert proc.returncode == 0, fail_text(proc)
     log = proc.stdout + proc.stderr
-    resumed_at = 1 if iteration_based else 2
-    assert f"resumed epoch: {0 if iteration_based else 1}, iter: {resumed_at}" in log, fail_text(proc)
+    resumed = "resumed epoch: 0, iter: 1" if iteration_based else "resumed epoch: 1, iter: 2"
+    assert resumed in log, fail_text(proc)
+    for kind in TRAINED[name][1]:
+        values = [float(v) for v in re.findall(rf"coco/{kind}_mAP: ([0-9.]+)", log)]
+        assert values and all(0.0 <= v <= 1.0 for v in values), fail_text(proc)
 
 
 def panoptic_batch(num_things: int, seed: int = 0):

@@ -204,14 +204,15 @@ def test_a_killed_and_resumed_run_repeats_the_uninterrupted_one_exactly(referenc
 
 def test_random_kills_lose_nothing(tmp_path):
     """tools/fault_injection.py on an epoch-based run as the shipped configs train: SIGKILLs inside a
-    checkpoint write, at a random moment of an epoch and during validation."""
+    checkpoint write and during validation (a kill at a random moment of an epoch, and what the
+    resumed run then does batch by batch: tests/engine/test_resume.py)."""
     cfg = tiny_epoch_config(tmp_path)
     out = tmp_path / "report.json"
-    proc = run_tool("tools/fault_injection.py", cfg, "--work-dir", tmp_path / "runs", "--kills", "3",
-                    "--save-share", "0.34", "--val-share", "0.33", "--seed", "1", "--out", out, timeout=900)
+    proc = run_tool("tools/fault_injection.py", cfg, "--work-dir", tmp_path / "runs", "--kills", "2",
+                    "--save-share", "0.5", "--val-share", "0.5", "--seed", "1", "--out", out, timeout=900)
     assert proc.returncode == 0, fail_text(proc)
     report = json.loads(out.read_text())
-    assert report["kills"] == 3 and report["resumes"] == 3 and report["failed_resumes"] == 0
+    assert report["kills"] == 2 and report["resumes"] == 2 and report["failed_resumes"] == 0
     assert report["kills_inside_saves"] == report["kills_during_validation"] == 1
     assert report["max_iterations_lost"] <= report["save_interval"] == 1
     assert report["total_iters"] == 8 and report["final_weights_max_abs_diff"] == 0.0
