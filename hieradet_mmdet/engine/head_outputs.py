@@ -33,8 +33,10 @@ from torch.overrides import TorchFunctionMode
 from .. import mmengine_adapter as mmengine_api
 
 # The probe: two images (GroupNorm wants more than one value per group on FCOS's 1 x 1 stride-128
-# level) of PROBE_SIZE px, small enough that the probe costs little next to one real forward.
-PROBE_SIZE = 64
+# level) of the smallest of PROBE_SIZES px the detector runs at, so that the probe costs little next
+# to one real forward: 64 px for most, 256 for DINO, which selects its 900 queries among the
+# encoder's tokens (85 at 64 px, 1,360 at 256).
+PROBE_SIZES = (64, 256, 512)
 MODULE_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                 "_forward_hooks_always_called")
 LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
@@ -79,11 +81,19 @@ def discover_head_outputs(model: nn.Module) -> HeadOutputs:
     """The probe (see above), once per model."""
     model = getattr(model, "module", model)
     if model not in _DISCOVERED:
-        _DISCOVERED[model] = _probe(model)
+        for size in PROBE_SIZES:
+            try:
+                _DISCOVERED[model] = _probe(model, size)
+                break
+            except RuntimeError as error:  # too small for the detector (e.g. fewer tokens than queries)
+                failure = error
+        else:
+            raise RuntimeError(f"cannot find the output layers of {type(model).__name__}'s heads: a forward of "
+                               f"{PROBE_SIZES[-1]} x {PROBE_SIZES[-1]} px images failed: {failure}") from failure
     return _DISCOVERED[model]
 
 
-def _probe(model: nn.Module) -> HeadOutputs:
+def _probe(model: nn.Module, probe_size: int) -> HeadOutputs:
     from mmdet.structures import DetDataSample
 
     names = {m: n for n, m in model.named_modules()}
@@ -136,7 +146,7 @@ def _probe(model: nn.Module) -> HeadOutputs:
         else:
             hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     device = next(model.parameters()).device
-    size = (PROBE_SIZE, PROBE_SIZE)
+    size = (probe_size, probe_size)
     sample = DetDataSample(metainfo=dict(img_shape=size, ori_shape=size, pad_shape=size, batch_input_shape=size,
                                          scale_factor=(1.0, 1.0)))
     training = {m: m.training for m in model.modules()}
