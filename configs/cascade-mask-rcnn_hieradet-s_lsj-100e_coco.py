@@ -7,13 +7,9 @@ _base_ = [
     './_base_/hieradet_s.py',
 ]
 
-image_size = (1024, 1024)
-norm_cfg = dict(type='GN', num_groups=32, requires_grad=True)
+norm_cfg = _base_.hieradet_lsj_norm_cfg
 model = dict(
-    data_preprocessor=dict(
-        _base_.hieradet_data_preprocessor,
-        pad_size_divisor=32,
-        batch_augments=[dict(type='BatchFixedSizePad', size=image_size, pad_mask=True)]),
+    data_preprocessor=_base_.hieradet_lsj_data_preprocessor,
     backbone=dict(_delete_=True, **_base_.hieradet_s_backbone),
     neck=dict(in_channels=_base_.hieradet_s_channels, norm_cfg=norm_cfg),
     rpn_head=dict(num_convs=2),
@@ -22,11 +18,7 @@ model = dict(
                    for stage in _base_.model.roi_head.bbox_head],
         mask_head=dict(norm_cfg=norm_cfg)))
 
-optim_wrapper = dict(
-    _delete_=True,
-    **dict(_base_.hieradet_optim_wrapper,
-           optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1),
-           paramwise_cfg=dict(_base_.hieradet_optim_wrapper.paramwise_cfg, layer_decay_rate=0.75)))
-auto_scale_lr = dict(enable=True, base_batch_size=64)
+optim_wrapper = dict(_delete_=True, **_base_.hieradet_lsj_optim_wrapper)
+auto_scale_lr = _base_.hieradet_lsj_auto_scale_lr
 default_hooks = dict(checkpoint=_base_.hieradet_checkpoint)
 train_cfg = dict(type=_base_.hieradet_train_loop)

@@ -13,14 +13,10 @@ model = dict(
     backbone=dict(_delete_=True, **dict(_base_.hieradet_s_backbone, out_indices=(1, 2, 3))),
     neck=dict(in_channels=_base_.hieradet_s_channels[1:]))
 
-# DINO's optimizer (AdamW lr 1e-4, weight decay 1e-4, gradient norm clipped at 0.1: the transformer
-# is trained from scratch) with layer-wise lr decay over the backbone's 16 blocks in place of
-# DINO's flat x0.1 backbone multiplier (ViTDet's choice for pre-trained transformer backbones).
-optim_wrapper = dict(
-    _delete_=True,
-    **dict(_base_.hieradet_optim_wrapper,
-           optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4),
-           clip_grad=dict(max_norm=0.1, norm_type=2)))
+# DINO's optimizer (AdamW lr 1e-4, weight decay 1e-4, gradient norm clipped at 0.1) with layer-wise
+# lr decay over the backbone's 16 blocks in place of DINO's flat x0.1 backbone multiplier (ViTDet's
+# choice for pre-trained transformer backbones).
+optim_wrapper = dict(_delete_=True, **_base_.hieradet_detr_optim_wrapper)
 auto_scale_lr = _base_.hieradet_auto_scale_lr
 # A kill loses at most 10 minutes of training, and --resume repeats the uninterrupted run exactly.
 default_hooks = dict(checkpoint=_base_.hieradet_checkpoint)

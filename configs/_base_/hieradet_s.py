@@ -67,3 +67,26 @@ hieradet_mask2former_optim_wrapper = dict(
         hieradet_optim_wrapper['paramwise_cfg'],
         custom_keys=dict(query_embed=hieradet_mask2former_no_decay, query_feat=hieradet_mask2former_no_decay,
                          level_embed=hieradet_mask2former_no_decay)))
+
+# DETR-style detectors (DINO, Deformable DETR): their AdamW (weight decay 1e-4, gradient norm
+# clipped at 0.1; the transformer is trained from scratch) with the layer-wise lr decay above in
+# place of their flat x0.1 backbone multiplier.
+hieradet_detr_optim_wrapper = dict(
+    hieradet_optim_wrapper,
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4),
+    clip_grad=dict(max_norm=0.1, norm_type=2))
+
+# The ViTDet LSJ-100e recipe of the *_lsj-100e_coco.py configs (where each value comes from is
+# stated in mask-rcnn_hieradet-s_lsj-100e_coco.py): images padded to 1024 x 1024, GroupNorm in
+# the neck and heads, AdamW with weight decay 0.1 and layer decay 0.75 at lr 1e-4 for a batch of 64.
+hieradet_lsj_image_size = (1024, 1024)
+hieradet_lsj_norm_cfg = dict(type='GN', num_groups=32, requires_grad=True)
+hieradet_lsj_data_preprocessor = dict(
+    hieradet_data_preprocessor,
+    pad_size_divisor=32,
+    batch_augments=[dict(type='BatchFixedSizePad', size=hieradet_lsj_image_size, pad_mask=True)])
+hieradet_lsj_optim_wrapper = dict(
+    hieradet_optim_wrapper,
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.1),
+    paramwise_cfg=dict(hieradet_optim_wrapper['paramwise_cfg'], layer_decay_rate=0.75))
+hieradet_lsj_auto_scale_lr = dict(enable=True, base_batch_size=64)

@@ -14,14 +14,17 @@ model = dict(
     # 4. HieraDet-S's channels at those strides; ChannelMapper adds the stride-64 level
     neck=dict(in_channels=_base_.hieradet_s_channels[1:]))
 
-# 5. Deformable DETR's AdamW (lr 2e-4, weight decay 1e-4, gradient norm clipped at 0.1) with
-# layer-wise lr decay over the backbone's blocks in place of the flat x0.1 backbone multiplier.
+# 5. Deformable DETR's AdamW (lr 2e-4 for a batch of 32, weight decay 1e-4, gradient norm clipped
+# at 0.1, x0.1 lr on the sampling offsets and reference points) with layer-wise lr decay over the
+# backbone's blocks in place of the flat x0.1 backbone multiplier.
 optim_wrapper = dict(
     _delete_=True,
-    **dict(_base_.hieradet_optim_wrapper,
-           optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4),
-           clip_grad=dict(max_norm=0.1, norm_type=2)))
-auto_scale_lr = _base_.hieradet_auto_scale_lr
+    **dict(_base_.hieradet_detr_optim_wrapper,
+           optimizer=dict(_base_.hieradet_detr_optim_wrapper.optimizer, lr=2e-4),
+           paramwise_cfg=dict(_base_.hieradet_detr_optim_wrapper.paramwise_cfg,
+                              custom_keys=dict(sampling_offsets=dict(lr_mult=0.1),
+                                               reference_points=dict(lr_mult=0.1)))))
+auto_scale_lr = dict(enable=True, base_batch_size=32)
 # A kill loses at most 10 minutes of training, and --resume repeats the uninterrupted run exactly.
 default_hooks = dict(checkpoint=_base_.hieradet_checkpoint)
 train_cfg = dict(type=_base_.hieradet_train_loop)

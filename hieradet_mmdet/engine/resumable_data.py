@@ -194,14 +194,18 @@ class ResumableBatchSampler(BatchSampler):
             if self._restorable() and not resume.get("replay") and not resume.get("tail"):
                 self.stream.start_at(resume["consumed"])
                 mmengine_api.set_held_back(self.inner, resume.get("held_back"))
+                if first > 0:  # a checkpoint before the next batch (a resume at a pass's end) stands here
+                    self._states[(pass_index, first - 1)] = {k: resume[k] for k in ("consumed", "tail", "held_back")}
             else:  # state not restorable: replay the batch sampler's indices (no data is loaded)
                 skip = first
                 if not resume.get("tail"):
                     print_log(f"resuming the {self.kind} at batch {first} of its pass by drawing the indices of "
                               "the batches before it (no data is loaded)", logger="current", level=30)
         batches = iter(self.inner)
-        for _ in range(skip):
-            next(batches)
+        for number in range(skip):
+            skipped = next(batches)
+            if number == skip - 1:
+                self._remember(pass_index, number, skipped)
         for number, batch in enumerate(batches, first):
             self._remember(pass_index, number, batch)
             yield [SeededIndex(i, sample_seed(self.seed, self.rank, pass_index, number, slot))

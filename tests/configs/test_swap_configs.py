@@ -11,6 +11,7 @@ SWAPS = {
     "swap/faster-rcnn_hieradet-s_fpn_1x_coco.py": ("FasterRCNN", False),
     "swap/fcos_hieradet-s_fpn_1x_coco.py": ("FCOS", False),
     "swap/cascade-mask-rcnn_hieradet-s_fpn_1x_coco.py": ("CascadeRCNN", True),
+    "swap/deformable-detr-refine-twostage_hieradet-s_50e_coco.py": ("DeformableDETR", False),
 }
 
 
@@ -19,6 +20,10 @@ def test_swap_config_trains_and_predicts(name):
     detector, with_mask = SWAPS[name]
     cfg = load_config(name)
     assert cfg.model.type == detector
+    if cfg.model.get("encoder") is not None:  # two-stage DETR: 300 queries need more tokens than small images have
+        from hieradet_mmdet.benchmark.cases import narrow_detector_config
+
+        narrow_detector_config(cfg)
     model = random_detector(cfg)
     assert type(model.backbone).__name__ == "HieraDetBackbone"
     assert_trains_and_predicts(model, cfg.optim_wrapper, with_mask=with_mask)
@@ -30,17 +35,24 @@ def test_swap_config_matches_shared_settings(name):
     shared = load_config("_base_/hieradet_s.py")
     cfg = load_config(name)
     assert cfg.custom_imports == shared.custom_imports and cfg.custom_hooks == shared.custom_hooks
-    assert {k: v for k, v in cfg.model.backbone.items()} == {
-        k: v for k, v in shared.hieradet_s_backbone.items() if k in cfg.model.backbone}
+    backbone = dict(cfg.model.backbone)
+    indices = backbone.pop("out_indices")
+    assert backbone == {k: v for k, v in shared.hieradet_s_backbone.items() if k in backbone and k != "out_indices"}
     assert cfg.model.backbone.init_cfg == shared.hieradet_s_backbone.init_cfg
-    assert cfg.model.neck.in_channels == shared.hieradet_s_channels
+    assert cfg.model.neck.in_channels == [shared.hieradet_s_channels[i] for i in indices]
     pre = cfg.model.data_preprocessor
     assert np.allclose(pre.mean, shared.hieradet_data_preprocessor.mean)
     assert np.allclose(pre.std, shared.hieradet_data_preprocessor.std)
     assert pre.bgr_to_rgb is True
-    assert cfg.optim_wrapper.optimizer == shared.hieradet_optim_wrapper.optimizer
     assert cfg.optim_wrapper.constructor == shared.hieradet_optim_wrapper.constructor
-    assert cfg.auto_scale_lr == shared.hieradet_auto_scale_lr
+    if cfg.model.get("encoder") is None:
+        assert cfg.optim_wrapper.optimizer == shared.hieradet_optim_wrapper.optimizer
+        assert cfg.auto_scale_lr == shared.hieradet_auto_scale_lr
+    else:  # Deformable DETR's own optimizer settings: lr 2e-4 for a batch of 32, clipping, x0.1 offsets
+        detr = shared.hieradet_detr_optim_wrapper
+        assert cfg.optim_wrapper.optimizer == dict(detr.optimizer, lr=2e-4)
+        assert cfg.optim_wrapper.clip_grad == detr.clip_grad and cfg.auto_scale_lr.base_batch_size == 32
+        assert cfg.optim_wrapper.paramwise_cfg.custom_keys.sampling_offsets.lr_mult == 0.1
 
 
 USER_SWAP = """

@@ -74,6 +74,22 @@ def test_resuming_after_any_batch_gives_the_rest_of_the_pass(batch_sampler, worl
         assert batches(again, pass_index=2) == whole[k:], k
 
 
+@pytest.mark.parametrize("batch_sampler", ["aspect", "plain"])
+def test_a_resume_at_the_end_of_a_pass_can_be_saved_before_any_new_batch(batch_sampler):
+    """A checkpoint written after a pass's last batch, before the epoch ended: the resumed process
+    hands out nothing more of that pass, and the epoch's own checkpoint is taken right away."""
+    whole = batches(make(batch_sampler=batch_sampler), pass_index=1)
+    first = make(batch_sampler=batch_sampler)
+    first.pass_index = 1
+    list(iter(first))
+    state = first.state(1, len(whole))
+    for replay in (False, True):
+        again = make(batch_sampler=batch_sampler)
+        again.resume_at(state, replay=replay)
+        assert batches(again, pass_index=1) == []
+        assert again.state(1, len(whole)) == state
+
+
 def test_an_infinite_sampler_is_positioned_without_drawing_the_skipped_indices(monkeypatch):
     """At batch 100,000 of 4 images from 23: only the 17,392 permutations before it are drawn, each in
     one call; none of the 400,000 skipped indices goes through Python."""
