@@ -12,9 +12,18 @@ import pytest
 import torch
 from mmdet.datasets.samplers import AspectRatioBatchSampler  # noqa: F401  (registers it)
 from mmengine.dataset import DefaultSampler, InfiniteSampler
+from mmengine.registry import DefaultScope
 
 from hieradet_mmdet import mmengine_adapter as mmengine_api
 from hieradet_mmdet.engine import resumable_data as rd
+
+
+@pytest.fixture(autouse=True)
+def _mmdetection_scope():
+    """Samplers built as a Runner of an MMDetection config builds them, in MMDetection's scope: a
+    scope another test left current ('mmengine') does not know AspectRatioBatchSampler."""
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        yield
 
 
 class Images:
