@@ -241,6 +241,30 @@ def fail_text(proc) -> str:
     return f"rc={proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
 
 
+def mmdet_tool(name: str) -> Path:
+    """One of MMDetection's own tools, as its wheel installs them (mmdet/.mim/tools/NAME)."""
+    import mmdet
+
+    return Path(mmdet.__file__).parent / ".mim" / "tools" / name
+
+
+TIMING_KEYS = ("time", "data_time", "eta")
+
+
+def logged_training_values(work: Path) -> dict[int, dict]:
+    """Per-iteration logged training values of every run in a work dir (MMEngine's
+    vis_data/scalars.json), keyed by iteration, without the timings that differ between runs."""
+    import json
+
+    out = {}
+    for path in sorted(work.glob("*/vis_data/scalars.json")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if "loss" in row:
+                out[row["step"]] = {k: v for k, v in row.items() if k not in TIMING_KEYS}
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

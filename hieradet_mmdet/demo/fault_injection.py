@@ -93,27 +93,26 @@ def kill_inside_a_save(training: Training, work_dir: Path, rng: random.Random, d
 def kill_during_validation(training: Training, rng: random.Random, deadline: float) -> bool:
     """SIGKILL 0-0.5 s after the next validation has logged its first line."""
     start = training.last_iter
-    while time.time() < deadline and training.proc.poll() is None:
-        if training.validating and training.last_iter >= start:
-            time.sleep(rng.uniform(0, 0.5))
-            if training.proc.poll() is not None:
-                return False
-            training.proc.send_signal(signal.SIGKILL)
-            return True
-        time.sleep(0.005)
-    return False
+    return _kill_once(training, lambda: training.validating and training.last_iter >= start,
+                      lambda: rng.uniform(0, 0.5), deadline, poll=0.005)
 
 
 def kill_between_saves(training: Training, rng: random.Random, deadline: float) -> bool:
     """SIGKILL at a random moment once the process has trained an iteration of its own."""
+    return _kill_once(training, lambda: training.last_iter > (training.resumed_from or 0),
+                      lambda: rng.uniform(0, 1.5), deadline, poll=0.01)
+
+
+def _kill_once(training: Training, ready, delay, deadline: float, poll: float) -> bool:
+    """SIGKILL ``delay()`` s after ``ready()`` first holds; False if the process ended before."""
     while time.time() < deadline and training.proc.poll() is None:
-        if training.last_iter > (training.resumed_from or 0):
-            time.sleep(rng.uniform(0, 1.5))
+        if ready():
+            time.sleep(delay())
             if training.proc.poll() is not None:
                 return False
             training.proc.send_signal(signal.SIGKILL)
             return True
-        time.sleep(0.01)
+        time.sleep(poll)
     return False
 
 

@@ -128,7 +128,6 @@ def autocast_detector(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
         wrapped = list(found.layers.values())
         for module in wrapped:
             mmengine_api.override(module, "forward", _in_float32(module.forward, device))
-        composed = []
         for path, method in found.composers:
             module = model.get_submodule(path)
             mmengine_api.override(module, method, _in_float32(getattr(module, method), device))

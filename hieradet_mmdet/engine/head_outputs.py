@@ -97,8 +97,9 @@ def _probe(model: nn.Module, probe_size: int) -> HeadOutputs:
     from mmdet.structures import DetDataSample
 
     names = {m: n for n, m in model.named_modules()}
+    head_modules = heads(model)
     head_of = {}
-    for head_name, head in heads(model).items():
+    for head_name, head in head_modules.items():
         for module in head.modules():
             head_of[module] = head_name
     produced, outputs, running = {}, [], {h: 0 for h in set(head_of.values())}
@@ -139,9 +140,8 @@ def _probe(model: nn.Module, probe_size: int) -> HeadOutputs:
         for attribute in MODULE_HOOKS:
             setattr(module, attribute, OrderedDict())
     hooks = [m.register_forward_hook(layer_out, with_kwargs=True) for m in model.modules() if isinstance(m, LAYER_TYPES)]
-    head_modules = heads(model).values()
     for module in head_of:
-        if module in head_modules:
+        if module in head_modules.values():
             mmengine_api.override(module, "forward", head_forward(module, module.forward))
         else:
             hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
@@ -160,7 +160,7 @@ def _probe(model: nn.Module, probe_size: int) -> HeadOutputs:
     finally:
         for hook in hooks:
             hook.remove()
-        for module in head_modules:
+        for module in head_modules.values():
             mmengine_api.restore(module, "forward")
         for module, saved in own_hooks.items():
             for attribute, value in saved.items():

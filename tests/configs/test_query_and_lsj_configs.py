@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, fail_text, load_config, random_detector, run_tool, tiny_any_config
+from helpers import ROOT, fail_text, load_config, mmdet_tool, random_detector, run_tool, tiny_any_config
 
 TRAINED = {  # config: (detector, COCO metrics its evaluator reports)
     "dino-4scale_hieradet-s_12e_coco.py": ("DINO", ("bbox",)),
@@ -111,18 +110,12 @@ def test_config_trains_tests_and_evaluates_with_coco_metrics(name, tmp_path):
         assert math.isfinite(value) and 0.0 <= value <= 1.0, metrics
 
 
-def mmdet_train_py():
-    import mmdet
-
-    return Path(mmdet.__file__).parent / ".mim" / "tools" / "train.py"
-
-
 @pytest.mark.parametrize("name, tool", sorted(RESUMED.items()))
 def test_train_py_resumes_an_epoch_and_an_iteration_config_and_evaluates(name, tool, tmp_path):
     """Our tools/train.py on the epoch-based DINO, MMDetection's own on the iteration-based
     Mask2Former: train, resume, and the validation's COCO metrics."""
     config = tiny_any_config(tmp_path, name, with_mask="segm" in TRAINED[name][1])
-    train = ROOT / "tools" / "train.py" if tool == "ours" else mmdet_train_py()
+    train = ROOT / "tools" / "train.py" if tool == "ours" else mmdet_tool("train.py")
     work = tmp_path / "work"
     iteration_based = "mask2former" in name
     length = "train_cfg.max_iters" if iteration_based else "train_cfg.max_epochs"

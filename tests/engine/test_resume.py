@@ -9,7 +9,6 @@ A narrow Mask R-CNN on 7 synthetic images, batches of 2 from MMDetection's Aspec
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, fail_text, free_port, load_mmengine_checkpoint, rank_pids, run_tool, tiny_epoch_config
+from helpers import (ROOT, fail_text, free_port, load_mmengine_checkpoint, logged_training_values, mmdet_tool,
+                     rank_pids, run_tool, tiny_epoch_config)
 
 TESTS = Path(__file__).resolve().parents[1]
 BATCHES, EPOCHS = 4, 2  # tiny_epoch_config's
@@ -39,16 +39,6 @@ def loads_by_process(path: Path) -> list[list[int]]:
             pid, index = line.split()
             runs.setdefault(pid, []).append(int(index))
     return list(runs.values())
-
-
-def scalars(work: Path) -> dict[int, dict]:
-    out = {}
-    for path in sorted(work.glob("*/vis_data/scalars.json")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if "loss" in row:
-                out[row["step"]] = {k: v for k, v in row.items() if k not in ("time", "data_time", "eta")}
-    return out
 
 
 def final_weights(work: Path) -> dict:
@@ -83,7 +73,7 @@ def reference(tmp_path_factory):
 
 
 def assert_repeats(work: Path, reference_dir: Path, resumed_from: int) -> None:
-    ours, theirs = scalars(work), scalars(reference_dir / "work")
+    ours, theirs = logged_training_values(work), logged_training_values(reference_dir / "work")
     assert sorted(ours) == list(range(1, EPOCHS * BATCHES + 1))
     for step in range(resumed_from + 1, EPOCHS * BATCHES + 1):
         assert ours[step] == theirs[step], step
@@ -153,9 +143,7 @@ def test_a_kill_during_validation_resumes_with_that_validation(reference, tmp_pa
 
 
 def test_mmdetections_own_train_py_resumes_inside_an_epoch_exactly(reference, tmp_path):
-    import mmdet
-
-    mmdet_train = Path(mmdet.__file__).parent / ".mim" / "tools" / "train.py"
+    mmdet_train = mmdet_tool("train.py")
     _, ref = reference
     config = own_copy(reference, tmp_path)
     work = tmp_path / "work"

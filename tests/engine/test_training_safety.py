@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (ROOT, fail_text, free_port, load_mmengine_checkpoint, rank_pids, run_tool,
-                     tiny_detector_config, tiny_epoch_config)
+from helpers import (ROOT, fail_text, free_port, load_mmengine_checkpoint, logged_training_values, rank_pids,
+                     run_tool, tiny_detector_config, tiny_epoch_config)
 
 ITERS = 6
 # A fixed seed: two uninterrupted runs are then identical, the reference a resumed run must repeat.
@@ -165,17 +165,6 @@ def test_corrupt_truncated_and_missing_pointers_fall_back_loudly(reference, tmp_
     assert f"resumed epoch: 0, iter: {ITERS - 2}" in log
 
 
-def scalars(work: Path) -> dict[int, dict]:
-    """Per-iteration logged values of a run (MMEngine's vis_data/scalars.json, every run of the dir)."""
-    out = {}
-    for path in sorted(work.glob("*/vis_data/scalars.json")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if "loss" in row:
-                out[row["iter"]] = row
-    return out
-
-
 def test_a_killed_and_resumed_run_repeats_the_uninterrupted_one_exactly(reference, tmp_path):
     cfg, done = reference
     work = tmp_path / "work"
@@ -192,10 +181,9 @@ def test_a_killed_and_resumed_run_repeats_the_uninterrupted_one_exactly(referenc
     resumed_from = int(re.search(r"resumed epoch: 0, iter: (\d+)", proc.stdout + proc.stderr).group(1))
     assert 3 <= resumed_from < ITERS
 
-    ours, theirs = scalars(work), scalars(done)
+    ours, theirs = logged_training_values(work), logged_training_values(done)
     for it in range(resumed_from + 1, ITERS + 1):
-        assert {k: v for k, v in ours[it].items() if k not in ("time", "data_time", "eta")} == \
-            {k: v for k, v in theirs[it].items() if k not in ("time", "data_time", "eta")}, it
+        assert ours[it] == theirs[it], it
     a = load_mmengine_checkpoint(work / f"iter_{ITERS}.pth")
     b = load_mmengine_checkpoint(done / f"iter_{ITERS}.pth")
     assert a["state_dict"].keys() == b["state_dict"].keys()

@@ -7,20 +7,13 @@ from __future__ import annotations
 import re
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import fail_text, run_tool, tiny_any_config, tiny_detector_config
+from helpers import fail_text, mmdet_tool, run_tool, tiny_any_config, tiny_detector_config
 
 ITERS = 2
-
-
-def mmdet_tool(name: str) -> Path:
-    import mmdet
-
-    return Path(mmdet.__file__).parent / ".mim" / "tools" / name
 
 
 @pytest.fixture(scope="module")
