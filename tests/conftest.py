@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CHECKPOINT_SIZE, CLASS_TO_IDX, make_birder_model, save_birder_checkpoints
+from helpers import CHECKPOINT_SIZE, CLASS_TO_IDX, force_fused_linears, make_birder_model, save_birder_checkpoints
 
 # One thread per pytest-xdist worker on a 2-core machine: the tests' models are small, and two
 # workers with two threads each spend a quarter of the run waiting on each other.
@@ -23,6 +23,13 @@ def _same_random_state_in_any_order():
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(params=["fused", "plain"])
+def linear_kernels(request, monkeypatch):
+    """Runs a test with the fast path's fused linears and with its plain ones, on any CPU
+    (helpers.force_fused_linears); gives (which, the dtypes the fused kernels ran in)."""
+    return request.param, force_fused_linears(monkeypatch, request.param == "fused")
 
 
 @pytest.fixture(scope="session")

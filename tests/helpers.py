@@ -45,6 +45,35 @@ def assert_fp32_within_reference_noise(ours, ref, truth, factor=4.0, floor=1e-6)
         assert err <= noise_bound(noise, factor, floor), (i, err, noise)
 
 
+# ---- the fast path's CPU-dependent choices, forced ---------------------------------------------
+
+
+def force_fused_linears(monkeypatch, fused: bool) -> list:
+    """Make the fast path take its fused-linear branch (``fused``) or its plain one, whatever this
+    CPU offers. Forced on, the fused kernels are the plain PyTorch ops they fuse, in the same dtype
+    (oneDNN has no bf16 kernels on CPUs without AVX-512 BF16 or AMX; tests/models/test_fused_linear.py
+    compares oneDNN's kernels with these where this CPU has them). Returns the dtypes the kernels ran in."""
+    import torch.nn.functional as F
+
+    from hieradet_mmdet.models import fused_linear
+
+    calls = []
+
+    def linear(x, weight, bias, gelu):
+        calls.append(x.dtype)
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if gelu else y
+
+    def linear_add(x, residual, weight, bias):
+        calls.append(x.dtype)
+        return residual + F.linear(x, weight, bias)
+
+    monkeypatch.setattr(fused_linear, "fused_linear_available", lambda dtype=torch.float32: fused)
+    monkeypatch.setattr(fused_linear, "fused_linear_kernel", linear)
+    monkeypatch.setattr(fused_linear, "fused_linear_add_kernel", linear_add)
+    return calls
+
+
 # ---- birder checkpoints and test images -------------------------------------------------------
 
 CHECKPOINT_SIZE = 64  # the input size the classifier checkpoints are saved with (birder's signature)

@@ -11,7 +11,9 @@ in attention, and the q-pool block of a stage attends in the previous stage's wi
 accepts sizes birder and SAM2 reject: the 8x8 window position embedding is tiled and cropped.
 
 The same parameters run a faster CPU path (:mod:`.fast_path`), chosen by ``forward`` unless
-``fast_path=False`` or while the model is traced or exported, where this path runs.
+``fast_path=False``, while the model is traced or exported, or while a hook is registered on one of
+its submodules (or globally): the fast path calls no submodule, so there this path runs, and every
+hook sees its module run as usual.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ class HieraDet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.check_input(x)
-        if self.fast_path and not is_exporting():
+        if self.fast_path and not is_exporting() and not submodule_hooks(self):
             from .fast_path import fast_forward
 
             return fast_forward(self, x)
@@ -273,6 +275,20 @@ class HieraDet(nn.Module):
 
 def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def submodule_hooks(model: nn.Module) -> bool:
+    """Whether any module hook would see a submodule of ``model`` run: one registered on a
+    submodule, or a global one (``torch.nn.modules.module.register_module_forward_hook`` & co.).
+    Feature extractors, FLOP counters, observers and visualisers work this way."""
+    from torch.nn.modules import module as nn_module
+
+    if any(getattr(nn_module, "_global" + name, None) for name in _HOOKS):
+        return True
+    return any(getattr(m, name, None) for m in model.modules() if m is not model for name in _HOOKS)
 
 
 def is_exporting() -> bool:

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from helpers import assert_close_rel, assert_fp32_within_reference_noise, rel_err
+from helpers import assert_close_rel, assert_fp32_within_reference_noise, force_fused_linears, rel_err
 from hieradet_mmdet.models import HieraDet
 from hieradet_mmdet.models import fast_path
 from hieradet_mmdet.models.hieradet import PLAN_CACHE_SIZE
@@ -46,11 +46,14 @@ def test_fast_path_equals_the_reference_path(mini, hw, monkeypatch):
     with torch.no_grad():
         truth = reference(copy.deepcopy(mini).double(), x.double())
         ref = reference(mini, x)
+        here = mini(x)  # oneDNN's fused fp32 linears where this build has them
+        kernel_dtypes = force_fused_linears(monkeypatch, True)
         fused = mini(x)
-        monkeypatch.setattr(fast_path, "fused_dtype", lambda x: None)  # plain linears
+        force_fused_linears(monkeypatch, False)
         plain = mini(x)
+    assert set(kernel_dtypes) == {torch.float32}
     grad = mini(x.requires_grad_())  # autograd path: plain ops, gathers with gather backward
-    for variant in (fused, plain, grad):
+    for variant in (here, fused, plain, grad):
         assert_fp32_within_reference_noise(variant, ref, truth)
     sum(o.square().mean() for o in grad).backward()
     assert torch.isfinite(x.grad).all()
@@ -71,17 +74,22 @@ def test_fast_path_gradients_equal_the_reference_path_in_float64(mini):
 
 
 def test_bf16_autocast_fused_matches_plain_autocast(mini, monkeypatch):
+    """bf16 inference with the fused linears and with plain ones, both forced whatever this CPU
+    offers (and as this CPU chooses), against float32."""
     x = torch.randn(1, 3, 96, 160)
     with torch.no_grad():
         ref = mini(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            here = mini(x)
+            kernel_dtypes = force_fused_linears(monkeypatch, True)
             fused = mini(x)
-            monkeypatch.setattr(fast_path, "fused_dtype", lambda x: None)
+            force_fused_linears(monkeypatch, False)
             plain = mini(x)
-    for f, p, r in zip(fused, plain, ref):
-        assert f.dtype == p.dtype
-        assert ((f.float() - r).norm() / r.norm()).item() < 5e-2
-        assert ((p.float() - r).norm() / r.norm()).item() < 5e-2
+    assert kernel_dtypes and set(kernel_dtypes) == {torch.bfloat16}  # the fused branch ran, in bf16
+    for h, f, p, r in zip(here, fused, plain, ref):
+        assert h.dtype == f.dtype == p.dtype
+        for out in (h, f, p):
+            assert ((out.float() - r).norm() / r.norm()).item() < 5e-2
     assert fused[-1].dtype == torch.bfloat16  # as under autocast, the stream is bf16 after the first q-pool
 
 
