@@ -14,6 +14,7 @@ beats into the launcher's store from a thread (:class:`HeartbeatHook`), so when 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import subprocess
@@ -29,6 +30,7 @@ from mmengine.hooks import Hook
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 CPU_TIMEOUT_S = 300  # gloo collectives of a 2-16 process CPU run finish in seconds, not minutes
 HEARTBEAT_KEY = "hieradet_heartbeat/{}"
+STORE_TIMEOUT_S = 10
 
 
 def _scheduler_env(launcher: str) -> dict:
@@ -113,12 +115,19 @@ def data_parallel_config(cfg, launcher: str, timeout_s: Optional[float] = None):
 class HeartbeatHook(Hook):
     """A thread in every process writes its last finished iteration and the time into the process
     group's store every ``interval_s`` seconds. A process waiting in a collective keeps beating; one
-    that is stopped, hung with the interpreter locked or gone does not."""
+    that is stopped, hung with the interpreter locked or gone does not.
+
+    The thread is stopped and joined when the run ends and, failing that, at interpreter exit
+    (atexit runs before daemon threads are frozen). Left running, it could be inside the store's
+    C++ call when the interpreter ends; Python then unwinds that thread from inside a ``noexcept``
+    frame and the process aborts ("terminate called without an active exception") after its work
+    is done, exiting non-zero."""
 
     def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
         self.iteration = 0
         self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
 
     def before_train(self, runner) -> None:
         self.iteration = runner.iter
@@ -128,18 +137,32 @@ class HeartbeatHook(Hook):
         key = HEARTBEAT_KEY.format(dist.get_rank())
 
         def beat():
-            while True:
+            while not self._stop.is_set():
                 try:
                     store.set(key, f"{self.iteration} {time.time():.3f}")
                 except Exception:  # noqa: BLE001 - the store's host is gone: nothing left to tell
                     return
-                time.sleep(self.interval_s)
+                self._stop.wait(self.interval_s)
 
+        self._stop.clear()
         self._thread = threading.Thread(target=beat, name="hieradet-heartbeat", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         self.iteration = runner.iter + 1
+
+    def after_run(self, runner) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End the heartbeat thread and wait for it (at most the store's timeout)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stop.set()
+        thread.join(timeout=STORE_TIMEOUT_S + 1)
+        atexit.unregister(self.stop)
 
 
 def _store_client():
@@ -148,7 +171,7 @@ def _store_client():
         return None
     try:
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=datetime.timedelta(seconds=10))
+                             timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S))
     except Exception:  # noqa: BLE001 - no store to reach: no heartbeats
         return None
 

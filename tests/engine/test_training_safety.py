@@ -237,3 +237,52 @@ def test_a_stalled_process_is_named_when_the_timeout_fires(tmp_path):
     assert "data-parallel training stopped: rank 1 stopped answering" in log, log[-3000:]
     assert re.search(r"rank 1: last finished iteration \d+, last heartbeat \d+ s ago", log), log[-3000:]
     assert "rank 0 stopped" not in log
+
+
+HEARTBEAT_AT_EXIT = """
+import atexit, datetime, os, sys, threading, time
+import torch.distributed as dist
+
+# Registered first, so it runs last of the exit handlers, just before daemon threads are frozen.
+atexit.register(lambda: print("beating at exit:", [t.name for t in threading.enumerate()
+                                                   if t.name == "hieradet-heartbeat"], flush=True))
+from hieradet_mmdet.engine.distributed import HeartbeatHook
+
+store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                      timeout=datetime.timedelta(seconds=10))
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+runner = type("Runner", (), {"iter": 0})()
+hook = HeartbeatHook(interval_s=0.0)  # beats without a pause: nearly always inside the store's C++ call
+hook.before_train(runner)
+time.sleep(0.3)
+if sys.argv[1] == "after_run":
+    hook.after_run(runner)  # how a run that finished ends it; otherwise (a run that raised) atexit does
+dist.destroy_process_group()
+print("done", flush=True)
+"""
+
+
+def test_a_process_with_a_heartbeat_exits_cleanly_beside_a_busy_process():
+    """A daemon thread inside a C++ call when the interpreter ends aborts the process after its
+    work is done ("terminate called without an active exception"): what made a finished
+    data-parallel run exit non-zero, now and then, more often beside a busy process. The heartbeat
+    thread must be gone before that, by the end of the run or at exit, every time."""
+    import datetime
+
+    import torch.distributed as dist
+
+    port = free_port()
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=30))  # the launcher's store
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT))
+    try:
+        for ending in ["atexit"] * 4 + ["after_run"] * 2:
+            proc = subprocess.run([sys.executable, "-c", HEARTBEAT_AT_EXIT, ending], env=env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.stdout == "done\nbeating at exit: []\n", (ending, fail_text(proc))
+            assert proc.returncode == 0, (ending, fail_text(proc))
+    finally:
+        busy.kill()
+        busy.wait()
+    assert master.num_keys() >= 1  # the beats reached the store
