@@ -1,7 +1,8 @@
 """Evaluate a checkpoint (MMDetection's ``tools/test.py`` command line).
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out RESULTS.pkl]
-                         [--show] [--show-dir DIR] [--wait-time S] [--tta] [--allow-partial-load]
+                         [--show] [--show-dir DIR] [--wait-time S] [--tta] [--amp [bf16|fp32]]
+                         [--allow-partial-load]
                          [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
 
 Prints the config's test metrics (COCO bbox AP, and segm AP for Mask R-CNN, through MMDetection's
@@ -20,6 +21,8 @@ import sys
 def parse_args(argv=None):
     from mmengine.config import DictAction
 
+    from hieradet_mmdet.engine.amp import add_amp_option
+
     parser = argparse.ArgumentParser(description="Test (and evaluate) a detector checkpoint")
     parser.add_argument("config", help="config file")
     parser.add_argument("checkpoint", help="checkpoint file")
@@ -29,9 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--show-dir", help="write pictures of the predictions to WORK_DIR/TIMESTAMP/SHOW_DIR")
     parser.add_argument("--wait-time", type=float, default=2, help="seconds each --show picture stays up")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (config's tta_model/tta_pipeline)")
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: fp16 on a GPU; on a CPU bf16 autocast over the whole detector where "
-                             "bf16 is faster (measured), else float32 (it says which)")
+    add_amp_option(parser, "evaluation")
     parser.add_argument("--allow-partial-load", action="store_true",
                         help="evaluate even if the checkpoint lacks weights of the detector (those keep their "
                              "random initial values) or has others")
@@ -88,7 +89,13 @@ def main(argv=None) -> int:
             vis["test_out_dir"] = args.show_dir
         hooks["visualization"] = vis
 
-    if args.amp and torch.cuda.is_available():
+    amp_dtype = None
+    if args.amp:
+        from hieradet_mmdet.engine.amp import choose_mixed_precision
+
+        amp_dtype, line = choose_mixed_precision(args.amp, torch.cuda.is_available())
+        print(line, flush=True)
+    if amp_dtype == torch.float16:
         cfg.test_cfg = dict(cfg.get("test_cfg") or {}, fp16=True)  # MMEngine's TestLoop autocasts to fp16
 
     if args.tta:
@@ -121,8 +128,8 @@ def main(argv=None) -> int:
             finish_distributed()
             return 1
         print(f"warning: {args.checkpoint} loads only partly (--allow-partial-load):\n{mismatch}", file=sys.stderr)
-    if args.amp and not torch.cuda.is_available():
-        _cpu_mixed_precision(runner.model)
+    if amp_dtype == torch.bfloat16:
+        _autocast_test_steps(runner.model, amp_dtype)
     metrics = runner.test()
     if runner.rank == 0:
         print(f"[hieradet-mmdet] test metrics: {summary_line(metrics) or metrics}", flush=True)
@@ -130,17 +137,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cpu_mixed_precision(model) -> None:
-    """bf16 autocast over the whole detector in every test step, where this CPU runs it faster."""
+def _autocast_test_steps(model, dtype) -> None:
+    """``dtype`` autocast over the whole detector in every test step (float32 at the RoI ops and
+    the heads' output layers: hieradet_mmdet.engine.amp.autocast_detector)."""
     import torch
 
-    from hieradet_mmdet.engine.amp import autocast_detector, cpu_mixed_precision
+    from hieradet_mmdet.engine.amp import autocast_detector
     from hieradet_mmdet.mmengine_adapter import override
 
-    dtype, reason = cpu_mixed_precision()
-    print(f"--amp on CPU: {reason}", flush=True)
-    if dtype is None:
-        return
     model = getattr(model, "module", model)
 
     def amp_test_step(data):

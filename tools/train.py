@@ -1,6 +1,6 @@
 """Train a detector with a HieraDet backbone (MMDetection's ``tools/train.py`` command line).
 
-    python tools/train.py CONFIG [--work-dir DIR] [--amp] [--auto-scale-lr]
+    python tools/train.py CONFIG [--work-dir DIR] [--amp [bf16|fp32]] [--auto-scale-lr]
                           [--resume [CKPT]] [--cfg-options KEY=VALUE ...]
                           [--launcher none|pytorch|slurm|mpi]
 
@@ -18,12 +18,12 @@ import sys
 def parse_args(argv=None):
     from mmengine.config import DictAction
 
+    from hieradet_mmdet.engine.amp import add_amp_option
+
     parser = argparse.ArgumentParser(description="Train a detector (MMDetection 3.x) with HieraDet")
     parser.add_argument("config", help="config file")
     parser.add_argument("--work-dir", help="where logs and checkpoints go (default: ./work_dirs/CONFIG_NAME)")
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: fp16 AmpOptimWrapper on a GPU; on a CPU bf16 autocast over the whole "
-                             "detector where bf16 is faster (measured), else float32 (it says which)")
+    add_amp_option(parser, "training")
     parser.add_argument("--auto-scale-lr", action="store_true",
                         help="scale the lr by (GPUs x batch size) / auto_scale_lr.base_batch_size")
     parser.add_argument("--resume", nargs="?", type=str, const="auto",
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     cfg = set_work_dir(load_config(args.config, args.cfg_options), args.config, args.work_dir)
 
     if args.amp:
-        print(use_mixed_precision(cfg.optim_wrapper, torch.cuda.is_available()))
+        print(use_mixed_precision(cfg.optim_wrapper, torch.cuda.is_available(), args.amp))
 
     if args.auto_scale_lr:
         if "auto_scale_lr" not in cfg or "base_batch_size" not in cfg.auto_scale_lr:

@@ -14,7 +14,8 @@ float32, and so do the methods that compose a head's outputs from them by matrix
 (Mask2Former's mask logits), so decoding, score thresholds, matching and NMS see float32 numbers,
 as without autocast.
 
-:func:`use_mixed_precision` is where ``tools/train.py --amp`` decides, on a GPU and on a CPU.
+:func:`choose_mixed_precision` is where ``tools/train.py --amp`` and ``tools/test.py --amp`` decide, on
+a GPU and on a CPU; ``--amp bf16`` / ``--amp fp32`` force either choice on any machine.
 """
 
 from __future__ import annotations
@@ -86,29 +87,65 @@ def cpu_mixed_precision() -> tuple[Optional[torch.dtype], str]:
 
 
 MIXED_PRECISION_WRAPPERS = ("AmpOptimWrapper", "AutocastOptimWrapper")
+AMP_MODES = ("auto", "bf16", "fp32")  # --amp (the measured choice), --amp bf16, --amp fp32
 
 
-def use_mixed_precision(optim_wrapper: dict, cuda_available: bool) -> str:
-    """Switch an ``optim_wrapper`` config to mixed precision (in place) where it pays, and say how.
+def add_amp_option(parser, what: str) -> None:
+    """The tools' ``--amp [bf16|fp32]`` option; ``what``: 'training' or 'evaluation'."""
+    parser.add_argument(
+        "--amp", nargs="?", const="auto", choices=AMP_MODES, metavar="bf16|fp32",
+        help=f"mixed precision {what}: alone, fp16 on a GPU and on a CPU bf16 autocast over the whole detector "
+             "where bf16 is faster (measured), else float32 (it says which); 'bf16' or 'fp32' forces either on any "
+             "device, saying so where the measurement disagrees")
 
-    On a GPU: MMEngine's ``AmpOptimWrapper``, float16 autocast over the whole model with dynamic
-    loss scaling. float16, not bfloat16, because mmcv 2.1's CUDA RoIAlign has float16 and float32
-    kernels only. On a CPU with fast bf16 (:func:`cpu_mixed_precision`): :class:`AutocastOptimWrapper`
-    (``AmpOptimWrapper`` asserts an accelerator); elsewhere the config stays float32. A config that
+
+def choose_mixed_precision(mode: str, cuda_available: bool) -> tuple[Optional[torch.dtype], str]:
+    """The autocast dtype for ``--amp MODE`` (None: float32) and the line that says why.
+
+    ``auto``: float16 on a GPU (:func:`use_mixed_precision` says why not bf16), on a CPU the measured
+    choice of :func:`cpu_mixed_precision`. ``bf16`` / ``fp32`` force that choice; on a CPU the line says
+    when the measurement would have chosen otherwise, so that a forced bf16 on a CPU without fast bf16
+    units (slow but real: every bf16 code path runs) is never mistaken for the automatic choice."""
+    if mode not in AMP_MODES:
+        raise ValueError(f"--amp takes one of {AMP_MODES[1:]} or nothing, got {mode!r}")
+    device = "GPU" if cuda_available else "CPU"
+    if cuda_available and mode == "auto":
+        return torch.float16, "--amp on GPU: float16 autocast with dynamic loss scaling (AmpOptimWrapper)"
+    if not cuda_available and mode == "auto":
+        dtype, reason = cpu_mixed_precision()
+        return dtype, f"--amp on CPU: {reason}"
+    dtype = torch.bfloat16 if mode == "bf16" else None
+    line = (f"--amp bf16 on {device}: bfloat16 autocast over the whole detector, float32 at the RoI ops and the "
+            "heads' output layers, as asked" if dtype else f"--amp fp32 on {device}: float32, as asked")
+    if not cuda_available:
+        speedup = bf16_speedup("cpu")
+        if (speedup >= FAST_BF16) != (dtype is not None):
+            line += (f"; the measurement disagrees: bf16 matrix products run {speedup:.2f}x as fast as float32 on "
+                     f"this CPU, so --amp alone would {'choose bf16' if speedup >= FAST_BF16 else 'stay in float32'}")
+    return dtype, line
+
+
+def use_mixed_precision(optim_wrapper: dict, cuda_available: bool, mode: str = "auto") -> str:
+    """Switch an ``optim_wrapper`` config to the mixed precision ``--amp MODE`` chooses
+    (:func:`choose_mixed_precision`; in place) and say how.
+
+    float16: MMEngine's ``AmpOptimWrapper``, autocast over the whole model with dynamic loss
+    scaling (float16, not bfloat16, by default on a GPU because mmcv 2.1's CUDA RoIAlign has
+    float16 and float32 kernels only). bfloat16: :class:`AutocastOptimWrapper` on either device
+    (``AmpOptimWrapper`` asserts an accelerator; ours runs the RoI ops in float32). A config that
     already asks for either wrapper is kept."""
     current = optim_wrapper.get("type", "OptimWrapper")
     if current in MIXED_PRECISION_WRAPPERS:
         return f"mixed precision is already enabled in the config ({current})"
-    if cuda_available:
+    dtype, line = choose_mixed_precision(mode, cuda_available)
+    if dtype == torch.float16:
         optim_wrapper["type"] = "AmpOptimWrapper"
         optim_wrapper.setdefault("dtype", "float16")
         optim_wrapper.setdefault("loss_scale", "dynamic")
-        return "--amp on GPU: float16 autocast with dynamic loss scaling (AmpOptimWrapper)"
-    dtype, reason = cpu_mixed_precision()
-    if dtype is not None:
+    elif dtype == torch.bfloat16:
         optim_wrapper["type"] = "AutocastOptimWrapper"
         optim_wrapper.pop("loss_scale", None)
-    return f"--amp on CPU: {reason}"
+    return line
 
 
 @contextmanager

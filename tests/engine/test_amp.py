@@ -59,9 +59,9 @@ def test_bf16_autocast_of_backbone_and_neck_only():
 @pytest.mark.parametrize("config", ["retinanet_hieradet_s.py", "swap/fcos_hieradet-s_fpn_1x_coco.py",
                                     "swap/cascade-mask-rcnn_hieradet-s_fpn_1x_coco.py",
                                     "dino-4scale_hieradet-s_12e_coco.py", "mask2former_hieradet-s_lsj-50e_coco.py"])
-def test_every_shipped_detector_predicts_under_bf16_close_to_float32(config):
+def test_every_shipped_detector_predicts_under_bf16_close_to_float32(config, linear_kernels):
     """Heads whose output layers (and Mask2Former's mask logits) stay float32 give the same top
-    detections as float32 inference."""
+    detections as float32 inference; with the backbone's fused linears and with plain ones."""
     cfg = narrow_detector_config(load_config(config))
     with_mask = "mask" in config
     model = random_detector(cfg).eval()
@@ -70,6 +70,8 @@ def test_every_shipped_detector_predicts_under_bf16_close_to_float32(config):
         ref = model(**data, mode="predict")
         with amp.autocast_detector(model):
             out = model(**data, mode="predict")
+    which, kernel_dtypes = linear_kernels
+    assert (torch.bfloat16 in kernel_dtypes) is (which == "fused")
     for r, o in zip(ref, out):
         a, b = r.pred_instances, o.pred_instances
         assert b.bboxes.dtype == b.scores.dtype == torch.float32
@@ -92,7 +94,7 @@ def test_the_output_layers_found_in_the_shipped_heads_are_their_last_layers(conf
     assert len(expected) >= 2
     found = head_outputs.discover_head_outputs(model)
     assert list(found.layers) == expected and found.composers == []
-    assert [m for m in head_outputs.output_layers(model)] == [model.get_submodule(n) for n in expected]
+    assert list(found.layers.values()) == [model.get_submodule(n) for n in expected]
 
 
 DECODER_LAYERS = 2  # narrow_detector_config's
@@ -206,3 +208,38 @@ def test_amp_on_a_cpu_follows_the_measured_bf16_speed(monkeypatch):
     slow = copy.deepcopy(cfg.optim_wrapper)
     assert "staying in float32" in amp.use_mixed_precision(slow, cuda_available=False)
     assert slow == cfg.optim_wrapper
+
+
+@pytest.mark.parametrize("speedup", [3.2, 0.2], ids=["fast-bf16-cpu", "slow-bf16-cpu"])
+def test_amp_bf16_and_fp32_force_the_choice_and_say_when_the_measurement_disagrees(monkeypatch, speedup):
+    """`--amp bf16` / `--amp fp32` on a CPU where bf16 is measured fast and on one where it is slow."""
+    cfg = load_config("maskrcnn_hieradet_s.py")
+    monkeypatch.setattr(amp, "bf16_speedup", lambda device="cpu": speedup)
+    fast = speedup >= amp.FAST_BF16
+    forced_bf16 = copy.deepcopy(cfg.optim_wrapper)
+    line = amp.use_mixed_precision(forced_bf16, cuda_available=False, mode="bf16")
+    assert forced_bf16.type == "AutocastOptimWrapper" and "loss_scale" not in forced_bf16
+    assert line.startswith("--amp bf16 on CPU: bfloat16 autocast over the whole detector")
+    assert ("the measurement disagrees" in line) is not fast
+    if not fast:
+        assert line.endswith(f"run {speedup:.2f}x as fast as float32 on this CPU, so --amp alone would stay in float32")
+    forced_fp32 = copy.deepcopy(cfg.optim_wrapper)
+    line = amp.use_mixed_precision(forced_fp32, cuda_available=False, mode="fp32")
+    assert forced_fp32 == cfg.optim_wrapper and line.startswith("--amp fp32 on CPU: float32, as asked")
+    assert ("the measurement disagrees" in line) is fast
+    if fast:
+        assert line.endswith("so --amp alone would choose bf16")
+    assert amp.choose_mixed_precision("auto", False)[0] == (torch.bfloat16 if fast else None)
+
+
+def test_amp_modes_on_a_gpu_machine(monkeypatch):
+    monkeypatch.setattr(amp, "bf16_speedup", lambda device="cpu": pytest.fail("no CPU measurement on a GPU"))
+    assert amp.choose_mixed_precision("auto", True)[0] == torch.float16
+    dtype, line = amp.choose_mixed_precision("bf16", True)
+    assert dtype == torch.bfloat16 and line.startswith("--amp bf16 on GPU") and "disagrees" not in line
+    assert amp.choose_mixed_precision("fp32", True) == (None, "--amp fp32 on GPU: float32, as asked")
+    wrapper = dict(type="OptimWrapper")
+    amp.use_mixed_precision(wrapper, True, "bf16")
+    assert wrapper == dict(type="AutocastOptimWrapper")  # RoIAlign in float32: mmcv's CUDA kernel has no bf16
+    with pytest.raises(ValueError, match="--amp takes one of"):
+        amp.choose_mixed_precision("fp16", False)
