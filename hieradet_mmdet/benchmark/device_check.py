@@ -426,6 +426,11 @@ def _summary_lines(data, timings) -> list[str]:
         lines.append(f"- {arch} {dtype} {mode}: birder / ours = {ratio:.3f} "
                      f"({'ours not slower' if ratio >= 1 else 'ours SLOWER'}; round spread {_pct(ours['spread'])})")
     for (arch, dtype, mode, model), r in sorted(by.items()):
+        if model == "ours reference path" and (arch, dtype, mode, "ours") in by:
+            ratio = r["median_ms"] / by[(arch, dtype, mode, "ours")]["median_ms"]
+            use = "fast_path=True" if ratio > 1 else "the default (reference path)"
+            lines.append(f"- {arch} {dtype} {mode}: reference path / fast path = {ratio:.3f}: use {use} here")
+    for (arch, dtype, mode, model), r in sorted(by.items()):
         if model == "ours with_cp" and (arch, dtype, mode, "ours") in by:
             plain = by[(arch, dtype, mode, "ours")]
             if r.get("peak_above_start_gib") and plain.get("peak_above_start_gib"):

@@ -10,10 +10,11 @@ against it), quirks included: windows are zero-padded *after* norm1 and the padd
 in attention, and the q-pool block of a stage attends in the previous stage's windows. It also
 accepts sizes birder and SAM2 reject: the 8x8 window position embedding is tiled and cropped.
 
-The same parameters run a faster CPU path (:mod:`.fast_path`), chosen by ``forward`` unless
-``fast_path=False``, while the model is traced or exported, or while a hook is registered on one of
-its submodules (or globally): the fast path calls no submodule, so there this path runs, and every
-hook sees its module run as usual.
+The same parameters run a faster path (:mod:`.fast_path`), chosen by ``forward`` for CPU inputs,
+the device it has been measured on against this one (``fast_path=True`` / ``False`` force it on or
+off: ``tools/benchmark.py`` measures both on another device and says which to use). This path runs
+while the model is traced or exported, and while a hook is registered on one of its submodules (or
+globally): the fast path calls no submodule, so there every hook sees its module run as usual.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..archs import (ARCH_ALIASES, ARCH_KEYS, ARCH_NAMES, ARCH_SETTINGS, LAYOUTS, NUM_STAGES,  # noqa: F401
-                     arch_name, resolve_arch)
+from ..archs import NUM_STAGES, resolve_arch
 from .layers import attention, drop_path, pool_2x2, window_partition, window_unpartition
 from .token_layout import PlanCache
 
@@ -34,6 +34,7 @@ WINDOW_POS_SIZE = 8  # the window position embedding is an 8x8 tile
 PATCH_STRIDE = 4
 PLAN_CACHE_SIZE = 16
 MIN_INPUT_SIZE = 29  # the smallest side that leaves the stride-32 stage one token (stem 8 -> 4 -> 2 -> 1)
+FAST_PATH_DEVICES = ("cpu",)  # where the fast path was measured faster than the reference path
 
 
 def block_window_sizes(depths: Sequence[int], window_spec: Sequence[int],
@@ -124,21 +125,23 @@ class HieraDet(nn.Module):
     Args:
         arch: 'tiny' | 'small' | 'base' | 'base_plus' | 'large' (or 't', 's', 'b', 'b+', 'l'),
             SAM2's windowed layout; with a 'd_' prefix global attention in stages 3-4 (the layout
-            the DINOv2 weights were trained with); or a dict with the keys in ARCH_KEYS.
+            the DINOv2 weights were trained with); or a dict with the keys in archs.ARCH_KEYS.
         window_spec / global_att_blocks: override the layout of a named arch.
         out_indices: stages to return (0-3; negatives count from the end), at least one.
         frozen_stages: -1 freezes nothing, 0 the patch and position embeddings, k additionally
             the first k stages. Frozen parts stay in eval mode.
         drop_path_rate: stochastic depth in [0, 1), rising linearly over the blocks from 0.
         with_cp: recompute each block's activations in backward to save memory.
-        fast_path: run the CPU-optimised path of :mod:`.fast_path` (same numbers) when it can.
+        fast_path: run the path of :mod:`.fast_path` (same numbers, fewer copies): None on the
+            devices where it has been measured against the reference path (FAST_PATH_DEVICES),
+            True on any device, False never.
     """
 
     def __init__(self, arch: Union[str, Mapping] = "small", in_channels: int = 3,
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  drop_path_rate: float = 0.0, with_cp: bool = False,
                  window_spec: Optional[Sequence[int]] = None,
-                 global_att_blocks: Optional[Sequence[int]] = None, fast_path: bool = True) -> None:
+                 global_att_blocks: Optional[Sequence[int]] = None, fast_path: Optional[bool] = None) -> None:
         super().__init__()
         self.arch = resolve_arch(arch, window_spec, global_att_blocks)
         depths, embed_dim, num_heads = self.arch["depths"], self.arch["embed_dim"], self.arch["num_heads"]
@@ -219,11 +222,15 @@ class HieraDet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.check_input(x)
-        if self.fast_path and not is_exporting() and not submodule_hooks(self):
+        if self.takes_fast_path(x):
             from .fast_path import fast_forward
 
             return fast_forward(self, x)
         return self.forward_reference(x)
+
+    def takes_fast_path(self, x: torch.Tensor) -> bool:
+        wanted = x.device.type in FAST_PATH_DEVICES if self.fast_path is None else self.fast_path
+        return wanted and not is_exporting() and not submodule_hooks(self)
 
     def forward_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """SAM2's / birder's computation, block by block on (B, H, W, C) maps."""

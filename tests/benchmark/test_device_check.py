@@ -93,6 +93,9 @@ def test_the_summary_is_read_off_the_measured_rows(dry_run):
     rows = {(r["mode"], r["model"]): r for r in report["parts"]["timings"]["result"]["rows"]}
     ratio = rows["forward", "birder"]["median_ms"] / rows["forward", "ours"]["median_ms"]
     assert f"- small fp32 forward: birder / ours = {ratio:.3f}" in md
+    reference = rows["forward", "ours reference path"]["median_ms"] / rows["forward", "ours"]["median_ms"]
+    use = "fast_path=True" if reference > 1 else "the default (reference path)"
+    assert f"- small fp32 forward: reference path / fast path = {reference:.3f}: use {use} here" in md
     assert "backbone achieved up to" in md
     for row in report["parts"]["timings"]["result"]["rows"]:  # as a GPU reports memory
         row["peak_above_start_gib"] = {"ours": 8.0, "ours with_cp": 2.0}.get(row["model"], 7.0)

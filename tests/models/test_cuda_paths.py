@@ -1,7 +1,9 @@
 """The fast path on a device other than the CPU, without a GPU: PyTorch's 'meta' device runs
 every op for shapes and devices only, and refuses to mix its tensors with CPU ones. So a fast
 path that made an index on the CPU for a GPU input, or took the CPU-only oneDNN linears for it,
-fails here as it would on CUDA. (The numbers on CUDA: tools/device_check.sh.)"""
+fails here as it would on CUDA. By default another device runs the reference path (the fast path
+has been measured on the CPU only); ``fast_path=True`` forces it. (The numbers on CUDA:
+tools/device_check.sh.)"""
 
 import pytest
 import torch
@@ -23,8 +25,16 @@ def linear_dtypes(monkeypatch):
     return chosen
 
 
-def test_other_devices_get_plain_linears(linear_dtypes):
+def test_other_devices_run_the_reference_path_unless_the_fast_path_is_forced():
     model = HieraDet("small").eval()
+    assert model.takes_fast_path(torch.empty(1, 3, 64, 64))
+    assert not model.takes_fast_path(torch.empty(1, 3, 64, 64, device="meta"))
+    assert HieraDet("small", fast_path=True).takes_fast_path(torch.empty(1, 3, 64, 64, device="meta"))
+    assert not HieraDet("small", fast_path=False).takes_fast_path(torch.empty(1, 3, 64, 64))
+
+
+def test_other_devices_get_plain_linears(linear_dtypes):
+    model = HieraDet("small", fast_path=True).eval()
     x = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
         model(x)
@@ -43,7 +53,7 @@ def test_other_devices_get_plain_linears(linear_dtypes):
 
 def test_plans_are_cached_per_device_with_their_indices_on_it():
     """96x128: windows of 14 and 7 need padding in stages 3-4, so the plan has every kind of gather."""
-    model = HieraDet("small").eval()
+    model = HieraDet("small", fast_path=True).eval()
     x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
         model(x)
