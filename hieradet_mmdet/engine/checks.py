@@ -19,7 +19,8 @@ from mmengine.logging import print_log
 from torch import nn
 
 from .. import mmengine_adapter as mmengine_api
-from ..models.hieradet import HieraDet, arch_name
+from ..archs import arch_name
+from ..models.hieradet import HieraDet
 
 
 def _first_neck(neck: nn.Module) -> nn.Module:

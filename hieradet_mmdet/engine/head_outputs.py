@@ -59,11 +59,6 @@ class HeadOutputs:
 _DISCOVERED: "weakref.WeakKeyDictionary[nn.Module, HeadOutputs]" = weakref.WeakKeyDictionary()
 
 
-def output_layers(model: nn.Module) -> list[nn.Module]:
-    """The heads' output layers of ``model`` (see above), in module order."""
-    return list(discover_head_outputs(model).layers.values())
-
-
 def heads(model: nn.Module) -> dict[str, nn.Module]:
     """The heads of a detector by module path (see above)."""
     lists = (nn.ModuleList, nn.ModuleDict)

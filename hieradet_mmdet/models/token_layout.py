@@ -80,7 +80,6 @@ class TokenLayout:
         real = ~pad
         self.inv = torch.empty(h * w, dtype=torch.long)  # map position -> slot
         self.inv[self.src[real]] = torch.arange(self.n)[real]
-        self.plain = not self.has_pad and torch.equal(self.src, torch.arange(h * w))
 
     def to(self, device: torch.device) -> "TokenLayout":
         """This layout with its index tensors on ``device`` (cached)."""
