@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional
-
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -153,7 +151,7 @@ def write_result_set(out_dir: str, num_images: int = 5000, seed: int = 0,
     return paths
 
 
-def describe(gt: dict, bbox_results: list, limit: Optional[int] = None) -> dict:
+def describe(gt: dict, bbox_results: list) -> dict:
     """Counts that show the set is COCO-like: images, objects by size, crowd, empty images, detections."""
     areas = np.array([a["area"] for a in gt["annotations"] if not a["iscrowd"]])
     with_gt = {a["image_id"] for a in gt["annotations"]}

@@ -165,8 +165,9 @@ def mmdet_dataset_overrides(data_root: str, image_size: Optional[int] = None) ->
     if image_size is not None:
         scale = (int(image_size), int(image_size))
         annotations = dict(type="LoadPanopticAnnotations", with_bbox=True, with_mask=True, with_seg=True)
-        train_pipeline = [dict(type="LoadImageFromFile"), annotations, dict(type="Resize", scale=scale, keep_ratio=True),
-                          dict(type="RandomFlip", prob=0.5), dict(type="PackDetInputs")]
+        train_pipeline = [dict(type="LoadImageFromFile"), annotations,
+                          dict(type="Resize", scale=scale, keep_ratio=True), dict(type="RandomFlip", prob=0.5),
+                          dict(type="PackDetInputs")]
         test_pipeline = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=scale, keep_ratio=True),
                          annotations,
                          dict(type="PackDetInputs",

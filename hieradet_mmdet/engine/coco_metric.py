@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import itertools
 import json
 import math
 import os

@@ -44,8 +44,10 @@ def test_segment_maps_json_and_instances_agree(panoptic_set):
             assert areas[seg["id"]] == seg["area"] and seg["iscrowd"] == 0
             ys, xs = np.nonzero(ids == seg["id"])
             assert seg["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-        things = sorted((s["category_id"], s["area"]) for s in ann["segments_info"] if categories[s["category_id"]]["isthing"])
-        objects = sorted((a["category_id"], a["area"]) for a in instances["annotations"] if a["image_id"] == ann["image_id"])
+        things = sorted((s["category_id"], s["area"]) for s in ann["segments_info"]
+                        if categories[s["category_id"]]["isthing"])
+        objects = sorted((a["category_id"], a["area"]) for a in instances["annotations"]
+                         if a["image_id"] == ann["image_id"])
         assert things == objects and things
         assert {categories[s["category_id"]]["name"] for s in ann["segments_info"]} >= {"wall", "floor"}
 
