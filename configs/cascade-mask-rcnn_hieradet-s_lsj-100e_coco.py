@@ -22,3 +22,7 @@ optim_wrapper = dict(_delete_=True, **_base_.hieradet_lsj_optim_wrapper)
 auto_scale_lr = _base_.hieradet_lsj_auto_scale_lr
 default_hooks = dict(checkpoint=_base_.hieradet_checkpoint)
 train_cfg = dict(type=_base_.hieradet_train_loop)
+
+# COCO box/mask AP by the fastest installed evaluator, with pycocotools' numbers (docs/configs.md)
+val_evaluator = dict(type='FastCocoMetric')
+test_evaluator = dict(type='FastCocoMetric')

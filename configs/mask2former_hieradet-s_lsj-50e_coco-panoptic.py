@@ -19,3 +19,16 @@ auto_scale_lr = _base_.hieradet_auto_scale_lr
 # iterations plus a rolling latest.pth every 10 minutes, resumed exactly at the next batch.
 default_hooks = dict(checkpoint=_base_.hieradet_checkpoint)
 train_cfg = dict(type='ResumableIterBasedTrainLoop')
+
+# Panoptic quality (PQ, SQ, RQ over all classes, things and stuff) by MMDetection's
+# CocoPanopticMetric (panopticapi's matching), and box / mask AP of the things by the fastest
+# installed COCO evaluator with pycocotools' numbers (docs/configs.md).
+val_evaluator = [
+    dict(type='CocoPanopticMetric',
+         ann_file='data/coco/annotations/panoptic_val2017.json',
+         seg_prefix='data/coco/annotations/panoptic_val2017/'),
+    dict(type='FastCocoMetric',
+         ann_file='data/coco/annotations/instances_val2017.json',
+         metric=['bbox', 'segm']),
+]
+test_evaluator = val_evaluator

@@ -18,3 +18,7 @@ auto_scale_lr = _base_.hieradet_auto_scale_lr
 # iterations plus a rolling latest.pth every 10 minutes, resumed exactly at the next batch.
 default_hooks = dict(checkpoint=_base_.hieradet_checkpoint)
 train_cfg = dict(type='ResumableIterBasedTrainLoop')
+
+# COCO box/mask AP by the fastest installed evaluator, with pycocotools' numbers (docs/configs.md)
+val_evaluator = dict(type='FastCocoMetric')
+test_evaluator = dict(type='FastCocoMetric')

@@ -377,15 +377,20 @@ def tiny_any_config(directory: Path, name: str, with_mask: bool, size: int = 96)
     """A config of configs/ of any family (DINO, Mask2Former, the LSJ recipes) on a synthetic set of
     ``size`` px, narrow, with its own loop type: one epoch of two batches (or two iterations),
     validated and checkpointed at the end; images padded to ``size`` where the config pads to a
-    fixed size."""
+    fixed size. Panoptic configs get the synthetic COCO-panoptic set (3 thing, 2 stuff classes)."""
     from hieradet_mmdet.benchmark.cases import narrow_detector_config
-    from hieradet_mmdet.demo import synthetic_coco
+    from hieradet_mmdet.demo import synthetic_coco, synthetic_panoptic
     from hieradet_mmdet.demo.small_run import set_num_classes
 
     data = directory / "data"
-    synthetic_coco.generate(str(data), num_train=4, num_val=2, size=size, seed=1)
+    panoptic = "panoptic" in name
+    if panoptic:
+        synthetic_panoptic.generate(str(data), num_train=4, num_val=2, size=size, seed=1)
+        overrides = synthetic_panoptic.mmdet_dataset_overrides(str(data), image_size=size)
+    else:
+        synthetic_coco.generate(str(data), num_train=4, num_val=2, size=size, seed=1)
+        overrides = synthetic_coco.mmdet_dataset_overrides(str(data), with_mask=with_mask, image_size=size)
     cfg = load_config(name)
-    overrides = synthetic_coco.mmdet_dataset_overrides(str(data), with_mask=with_mask, image_size=size)
     inner = cfg.train_dataloader.dataset
     while inner.type == "RepeatDataset":  # the LSJ configs: 25 passes over the set repeated 4 times
         inner.times = 1
@@ -394,7 +399,7 @@ def tiny_any_config(directory: Path, name: str, with_mask: bool, size: int = 96)
     cfg.merge_from_dict(overrides)
     narrow_detector_config(cfg)
     shrink_two_stage(cfg)
-    set_num_classes(cfg.model, len(synthetic_coco.CLASSES))
+    set_num_classes(cfg.model, len(synthetic_coco.CLASSES), len(synthetic_panoptic.STUFF_CLASSES) if panoptic else 0)
     cfg.model.backbone.init_cfg = None
     for augment in cfg.model.data_preprocessor.get("batch_augments") or []:
         augment.size = (size, size)

@@ -52,3 +52,14 @@ def test_no_generated_files_tracked_in_git():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     bad = [p for p in tracked if p.startswith(".venv/") or p.endswith((".pt", ".pth", ".safetensors", ".whl", ".npy"))]
     assert not bad
+
+
+def test_coco_evaluation_packages_without_numpy_pulled_back():
+    """The fast COCO evaluators, and panopticapi from panopticapi-lite installed without its numpy<2 pin."""
+    from importlib.metadata import version
+
+    import numpy
+    from panopticapi.evaluation import pq_compute  # noqa: F401
+
+    assert (version("hotcoco"), version("faster-coco-eval"), version("panopticapi-lite")) == ("1.3.0", "1.8.0", "0.2.0")
+    assert int(numpy.__version__.split(".")[0]) >= 2

@@ -127,13 +127,22 @@ if ! have "mmdet==$MMDET_VERSION"; then
     "${PIP[@]}" install -c "$CONSTRAINTS" "mmdet==$MMDET_VERSION"
 fi
 # This package, editable, with its test extras: pytest (+ pytest-randomly, pytest-xdist), pycocotools, birder
-# (the reference the tests compare against), safetensors, onnx + onnxruntime (export tests).
+# (the reference the tests compare against), safetensors, onnx + onnxruntime (export tests), hotcoco and
+# faster-coco-eval (the fast COCO evaluators, compared with pycocotools).
 # birder asks for a newer setuptools; the constraints keep the one mmcv and mmengine need.
 if ! have "birder==$BIRDER_VERSION" \
-        || ! "$PY" -c 'import hieradet_mmdet, pytest_randomly, xdist, onnx, onnxscript, onnxruntime, pycocotools, safetensors' 2>/dev/null \
+        || ! "$PY" -c 'import hieradet_mmdet, pytest_randomly, xdist, onnx, onnxscript, onnxruntime, pycocotools, safetensors, hotcoco, faster_coco_eval' 2>/dev/null \
         || [ "$("$PY" -c 'import hieradet_mmdet, os; print(os.path.dirname(os.path.dirname(hieradet_mmdet.__file__)))' 2>/dev/null)" != "$ROOT" ]; then
     say "installing hieradet-mmdet (editable) with its test dependencies"
     "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT[test]"
+fi
+
+# panopticapi, which MMDetection's panoptic dataset and PQ metric import: panopticapi-lite is the code of
+# cocodataset/panopticapi; its metadata pins numpy<2, which would pull numpy back under torch, so it is
+# installed without dependencies (it needs only numpy and Pillow, both here).
+if ! have panopticapi-lite==0.2.0; then
+    say "installing panopticapi-lite 0.2.0 (without its numpy<2 pin)"
+    "${PIP[@]}" install -c "$CONSTRAINTS" --no-deps panopticapi-lite==0.2.0
 fi
 
 "$PY" -c "import hieradet_mmdet, mmdet, torch; from mmcv.ops import nms, RoIAlign; print('[setup] ready: torch', torch.__version__, '| mmdet', mmdet.__version__)"

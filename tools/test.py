@@ -5,8 +5,9 @@
                          [--allow-partial-load]
                          [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
 
-Prints the config's test metrics (COCO bbox AP, and segm AP for Mask R-CNN, through MMDetection's
-``CocoMetric``) and a one-line summary. The checkpoint is read with torch's weights-only loader;
+Prints the config's test metrics (COCO bbox AP, and segm AP for Mask R-CNN, through our
+``FastCocoMetric``, MMDetection's ``CocoMetric`` evaluated faster; PQ for panoptic configs) and a
+one-line summary. The checkpoint is read with torch's weights-only loader;
 one that needs arbitrary Python objects is refused, and so is one that does not hold every
 weight of the detector in the right shape (``--allow-partial-load`` evaluates it anyway).
 """
@@ -45,8 +46,9 @@ def parse_args(argv=None):
 
 
 def summary_line(metrics: dict) -> str:
-    """'bbox_mAP=0.512 bbox_mAP_50=0.801 ... segm_mAP=0.470' from the runner's metrics dict."""
-    keys = [k for k in metrics if k.split("/")[-1].endswith(("_mAP", "_mAP_50", "_mAP_75"))]
+    """'bbox_mAP=0.512 bbox_mAP_50=0.801 ... segm_mAP=0.470' (and PQ=...) from the runner's metrics dict."""
+    keys = [k for k in metrics if k.split("/")[-1].endswith(("_mAP", "_mAP_50", "_mAP_75"))
+            or k.split("/")[-1] in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")]
     return " ".join(f"{k.split('/')[-1]}={float(metrics[k]):.4f}" for k in keys)
 
 

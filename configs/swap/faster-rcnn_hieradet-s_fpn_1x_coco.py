@@ -21,3 +21,7 @@ auto_scale_lr = _base_.hieradet_auto_scale_lr
 # A kill loses at most 10 minutes of training, and --resume repeats the uninterrupted run exactly.
 default_hooks = dict(checkpoint=_base_.hieradet_checkpoint)
 train_cfg = dict(type=_base_.hieradet_train_loop)
+
+# COCO box/mask AP by the fastest installed evaluator, with pycocotools' numbers (docs/configs.md)
+val_evaluator = dict(type='FastCocoMetric')
+test_evaluator = dict(type='FastCocoMetric')

@@ -28,3 +28,7 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
     dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1)
 ]
+
+# COCO box/mask AP by the fastest installed evaluator, with pycocotools' numbers (docs/configs.md)
+val_evaluator = dict(type='FastCocoMetric')
+test_evaluator = dict(type='FastCocoMetric')

@@ -13,6 +13,8 @@ harness) and the ONNX benchmark (``tools/onnx_benchmark.py``).
     parity          the device check's correctness checks against birder
     detector_steps  the device check's Mask R-CNN steps (and its wait for the mmcv build)
     onnx_cases      onnxruntime against eager PyTorch
+    coco_results    a generated COCO-val-sized ground truth and result set
+    coco_eval       seconds of COCO bbox / segm evaluation, pycocotools against the faster backends
 
 The numbers compared (relative errors, birder's reference pair): :mod:`hieradet_mmdet.reference`.
 Nothing here is imported by ``import hieradet_mmdet``.

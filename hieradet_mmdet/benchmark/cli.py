@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run nothing else: seconds from resuming at iteration K to the first new step, the "
                              "resumable training loop against MMEngine's replay of the trained batches "
                              "(hieradet_mmdet.benchmark.resume_cost), e.g. --resume-cost 10 1000 100000")
+    parser.add_argument("--coco-eval", nargs="?", type=int, const=5000, metavar="IMAGES",
+                        help="run nothing else: seconds of COCO bbox and segm evaluation on a generated COCO-val-sized "
+                             "result set of IMAGES images (default 5000), pycocotools against each faster backend, "
+                             "with the largest difference of their 12 stats (hieradet_mmdet.benchmark.coco_eval)")
+    parser.add_argument("--coco-eval-data", type=Path, metavar="DIR",
+                        help="--coco-eval: where the generated set is written once and reused "
+                             "(default: $TMPDIR or /tmp, hieradet-mmdet-coco-eval/)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
@@ -183,6 +190,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if args.out:
             write_json(args.out, dict(command=" ".join(sys.argv), machine=machine_info("cpu"), resume_cost=rows))
         return dict(resume_cost=rows)
+    if args.coco_eval:
+        from . import coco_eval
+
+        load_before = loadavg()
+        report = coco_eval.measure(args.coco_eval, data_dir=str(args.coco_eval_data or coco_eval.DATA_DIR))
+        report.update(load_before=load_before, load_after=loadavg())
+        print(coco_eval.table(report))
+        print(f"load average before/after: {load_before} / {report['load_after']}")
+        if args.out:
+            write_json(args.out, dict(command=" ".join(sys.argv), machine=machine_info("cpu"), coco_eval=report))
+        return dict(coco_eval=report)
     if args.from_json:
         reports = [json.loads(path.read_text()) for path in args.from_json]
         results = [r for report in reports for r in report["results"]]

@@ -59,10 +59,10 @@ def small_run_overrides(max_iters: int, batch_size: int = 2, lr: float = 1e-4, w
     return over
 
 
-def set_num_classes(model, num_classes: int) -> None:
+def set_num_classes(model, num_classes: int, num_stuff_classes: int = 0) -> None:
     """A detector config (``cfg.model``, in place) for ``num_classes`` thing classes, whatever the
-    family: dense and DETR heads, (cascade) RoI box and mask heads, Mask2Former's heads (no stuff
-    classes; the no-object class keeps Mask2Former's 0.1 weight)."""
+    family: dense and DETR heads, (cascade) RoI box and mask heads, Mask2Former's heads (with
+    ``num_stuff_classes`` stuff classes; the no-object class keeps Mask2Former's 0.1 weight)."""
     if model.get("bbox_head") is not None:
         model.bbox_head.num_classes = num_classes
     roi = model.get("roi_head")
@@ -73,9 +73,9 @@ def set_num_classes(model, num_classes: int) -> None:
                 head.num_classes = num_classes
     for name in ("panoptic_head", "panoptic_fusion_head"):
         if model.get(name) is not None:
-            model[name].update(num_things_classes=num_classes, num_stuff_classes=0)
+            model[name].update(num_things_classes=num_classes, num_stuff_classes=num_stuff_classes)
     if model.get("panoptic_head") is not None:
-        model.panoptic_head.loss_cls.class_weight = [1.0] * num_classes + [0.1]
+        model.panoptic_head.loss_cls.class_weight = [1.0] * (num_classes + num_stuff_classes) + [0.1]
 
 
 def calm_mask_logits(model, reference_classes: int = 80) -> None:

@@ -148,7 +148,7 @@ def generate(out_dir: str, num_train: int = 64, num_val: int = 16, size: int = 2
 
 
 def mmdet_dataset_overrides(data_root: str, with_mask: bool = True, image_size: Optional[int] = None) -> dict:
-    """Config entries that point an MMDetection COCO config (CocoDataset + CocoMetric) here.
+    """Config entries that point an MMDetection COCO config (CocoDataset + FastCocoMetric) here.
 
     Merge the result into a config (``cfg.merge_from_dict``); it sets the data root, annotation
     files, image folders, class names/palette and the evaluator's annotation file for the train,
@@ -168,7 +168,7 @@ def mmdet_dataset_overrides(data_root: str, with_mask: bool = True, image_size: 
         return out
 
     def evaluator():
-        return dict(type="CocoMetric", ann_file=f"{data_root}annotations/instances_val.json", metric=metrics,
+        return dict(type="FastCocoMetric", ann_file=f"{data_root}annotations/instances_val.json", metric=metrics,
                     format_only=False)
 
     train_pipeline = test_pipeline = None

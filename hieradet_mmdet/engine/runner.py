@@ -8,7 +8,7 @@
   own extension points: data-parallel settings (:mod:`.distributed`), crash-safe checkpoints
   (:mod:`.checkpointing`), the non-finite loss check (:mod:`.finite_loss`), image and annotation
   loading that names broken files (:mod:`.transforms`, :mod:`.datasets`), detector checks
-  (:mod:`.checks`).
+  (:mod:`.checks`), COCO metrics in a fraction of pycocotools' time (:mod:`.coco_metric`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ RESUMABLE_LOOP_TYPES = {"EpochBasedTrainLoop": "ResumableEpochBasedTrainLoop",
 CHECKED_TYPES = {"LoadImageFromFile": "CheckedLoadImageFromFile", "mmdet.LoadImageFromFile": "CheckedLoadImageFromFile",
                  "mmcv.LoadImageFromFile": "CheckedLoadImageFromFile", "CocoDataset": "CheckedCocoDataset",
                  "mmdet.CocoDataset": "CheckedCocoDataset"}
+# MMDetection's COCO metric -> the same metric evaluated faster, with the same numbers (.coco_metric)
+FAST_METRIC_TYPES = {"CocoMetric": "FastCocoMetric", "mmdet.CocoMetric": "FastCocoMetric"}
 
 
 def enforce_safe_loading() -> None:
@@ -47,6 +49,9 @@ def prepare_config(cfg, launcher: str = "none", dist_timeout_s: Optional[float] 
     for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
         if cfg.get(key) is not None:
             _replace_types(cfg[key], CHECKED_TYPES)
+    for key in ("val_evaluator", "test_evaluator"):
+        if cfg.get(key) is not None:
+            _replace_types(cfg[key], FAST_METRIC_TYPES)
     wanted = ["HieraDetCheckHook", "FiniteLossHook"] + (["HeartbeatHook"] if launcher != "none" else [])
     hooks = list(cfg.get("custom_hooks") or [])
     present = {h.get("type") for h in hooks}

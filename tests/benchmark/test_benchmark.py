@@ -156,3 +156,17 @@ def test_resume_cost_compares_the_resumable_loop_with_mmengines_replay(tmp_path,
         assert rows["resumable", k]["seconds"] > 0 and rows["mmengine", k]["seconds"] > 0
     assert json.loads(out.read_text())["resume_cost"] == json.loads(json.dumps(report["resume_cost"]))
     assert "| 40 |" in capsys.readouterr().out
+
+
+def test_coco_eval_compares_every_backend_with_pycocotools(tmp_path, capsys):
+    """What is reported, not how fast: every backend's 12 stats against pycocotools', in one run."""
+    out = tmp_path / "coco_eval.json"
+    report = tool.main(["--coco-eval", "20", "--coco-eval-data", str(tmp_path / "data"), "--out", str(out)])
+    rows = report["coco_eval"]["rows"]
+    assert [(r["iou_type"], r["backend"]) for r in rows] == [
+        (t, b) for t in ("bbox", "segm") for b in ("pycocotools", "hotcoco", "faster_coco_eval")]
+    for row in rows:
+        assert row["seconds"] > 0 and row["max_stat_diff"] <= 1e-4 and len(row["stats"]) == 12
+    assert report["coco_eval"]["set"]["images"] == 20
+    assert json.loads(out.read_text())["coco_eval"]["rows"][0]["backend"] == "pycocotools"
+    assert "| segm | hotcoco |" in capsys.readouterr().out
