@@ -1,6 +1,6 @@
 """An AVX2-only CPU emulated on this one (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2): the caps
 take effect, and the tools choose float32 there and say why. `make test` also runs the precision,
-fused-kernel, fast-path and benchmark tests under these caps (README: testing)."""
+fused-kernel, fast-path and benchmark tests under these caps (docs/testing.md)."""
 
 from __future__ import annotations
 
