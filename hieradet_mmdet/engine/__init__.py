@@ -5,6 +5,7 @@ under the names configs use."""
 from .amp import AutocastOptimWrapper
 from .checkpointing import SafeCheckpointHook
 from .checks import HieraDetCheckHook, check_detector
+from .compile import CompileHook
 from .datasets import CheckedCocoDataset
 from .distributed import HeartbeatHook
 from .finite_loss import FiniteLossHook, NonFiniteLossError
@@ -13,7 +14,7 @@ from .loops import ResumableEpochBasedTrainLoop, ResumableIterBasedTrainLoop
 from .resumable_data import ResumableBatchSampler
 from .transforms import CheckedLoadImageFromFile
 
-__all__ = ["AutocastOptimWrapper", "CheckedCocoDataset", "CheckedLoadImageFromFile", "FiniteLossHook",
+__all__ = ["AutocastOptimWrapper", "CheckedCocoDataset", "CompileHook", "CheckedLoadImageFromFile", "FiniteLossHook",
            "HeartbeatHook", "HieraDetCheckHook", "HieraDetLayerDecayConstructor", "NonFiniteLossError",
            "ResumableBatchSampler", "ResumableEpochBasedTrainLoop", "ResumableIterBasedTrainLoop",
            "SafeCheckpointHook", "check_detector"]
