@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "neck), backbone alone and whole Mask R-CNN, inference and train step, compile time "
                              "cold and warm, graph breaks per part (hieradet_mmdet.benchmark.compiled); the first "
                              "--sizes, --device, --threads, --iters, --warmup")
+    parser.add_argument("--compile-cases", nargs="+", metavar="CASE",
+                        choices=("backbone-infer", "backbone-train", "detector-infer", "detector-train"),
+                        default=["backbone-infer", "backbone-train", "detector-infer", "detector-train"],
+                        help="with --compile: which of backbone-infer, backbone-train, detector-infer, detector-train")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
@@ -191,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.compile:
         from . import compiled
 
-        rows = compiled.run_cases(list(compiled.CASES), args.sizes[0], args.device, args.threads, args.iters,
+        rows = compiled.run_cases(args.compile_cases, args.sizes[0], args.device, args.threads, args.iters,
                                   args.warmup)
         machine = machine_info(args.device)
         print(compiled.table(rows))

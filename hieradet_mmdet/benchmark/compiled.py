@@ -186,8 +186,11 @@ def run_cases(cases: list[str], size, device: str, threads: int, iters: int, war
                 else:
                     row["compile_warm_s"] = found[0]["compile_s"]
                     row["warm_eager_ms"], row["warm_compiled_ms"] = found[0]["eager_ms"], found[0]["compiled_ms"]
+                breaks = found[0].get("breaks", {})
                 print(f"{name} {temperature}: compile {found[0]['compile_s']:.1f} s, eager {found[0]['eager_ms']:.1f} ms, "
-                      f"compiled {found[0]['compiled_ms']:.1f} ms", file=sys.stderr, flush=True)
+                      f"compiled {found[0]['compiled_ms']:.1f} ms"
+                      + (f", graph breaks {breaks['graph_breaks']} {breaks['per_part']}" if breaks else ""),
+                      file=sys.stderr, flush=True)
             rows.append(row)
     return rows
 
