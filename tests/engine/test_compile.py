@@ -192,3 +192,20 @@ def test_mmdetections_own_tools_train_and_test_compiled(name, tmp_path):
                     "--cfg-options", AOT, env=ENV, cwd=tmp_path)
     assert test.returncode == 0, fail_text(test)
     assert "compile=True: compiled backbone" in test.stdout + test.stderr and "mAP" in test.stdout + test.stderr
+
+
+def test_data_parallel_training_compiled(tmp_path):
+    """2 CPU processes (gloo, tools/dist_train.sh): each compiles its backbone and neck inside
+    MMDistributedDataParallel, and the run trains and validates."""
+    import sys
+
+    from helpers import free_port
+
+    config = tiny_epoch_config(tmp_path / "cfg")
+    proc = run_tool("bash", ROOT / "tools" / "dist_train.sh", config, "2", "--work-dir", tmp_path / "work",
+                    "--cfg-options", AOT, "train_cfg.max_epochs=1",
+                    env={**ENV, "PORT": str(free_port()), "PYTHON": sys.executable}, timeout=600)
+    assert proc.returncode == 0, fail_text(proc)
+    log = proc.stdout + proc.stderr
+    assert "compile=True: compiled backbone, neck for training" in log, fail_text(proc)
+    assert (tmp_path / "work" / "epoch_1.pth").is_file()
