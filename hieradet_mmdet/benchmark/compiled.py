@@ -61,6 +61,8 @@ def graph_breaks(fn, *args, training: bool = False) -> dict[str, Any]:
         where = reason.user_stack[-1] if reason.user_stack else None
         reasons.append(f"{part}: {reason.reason.splitlines()[0][:120]}"
                        + (f" ({os.path.basename(where.filename)}:{where.lineno})" if where else ""))
+    if out.graph_break_count > len(out.break_reasons):  # breaks explain counts without a recorded reason
+        per_part["unattributed"] = out.graph_break_count - len(out.break_reasons)
     return dict(graphs=out.graph_count, graph_breaks=out.graph_break_count, per_part=per_part,
                 reasons=sorted(set(reasons))[:12])
 
@@ -198,7 +200,7 @@ def run_cases(cases: list[str], size, device: str, threads: int, iters: int, war
 def table(rows: list[dict[str, Any]]) -> str:
     """The side-by-side table (Markdown)."""
     lines = ["| case | eager ms | compiled ms | speed-up | compile cold s | compile warm s | graphs | "
-             "graph breaks (backbone / neck / heads / other) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "graph breaks (backbone / neck / heads / other / unattributed) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         if r.get("status") != "ok":
             lines.append(f"| {r['case']} | {r.get('status')} |")
@@ -208,7 +210,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         compiled = statistics.median([r["compiled_ms"], r["warm_compiled_ms"]])
         b = r.get("breaks", {})
         parts = b.get("per_part", {})
-        split = " / ".join(str(parts.get(p, 0)) for p in ("backbone", "neck", "heads", "other"))
+        split = " / ".join(str(parts.get(p, 0)) for p in ("backbone", "neck", "heads", "other", "unattributed"))
         lines.append(f"| {r['case']} | {eager:.1f} | {compiled:.1f} | {eager / compiled:.2f}x | "
                      f"{r['compile_cold_s']:.1f} | {r['compile_warm_s']:.1f} | {b.get('graphs', '')} | "
                      f"{b.get('graph_breaks', '')} ({split}) |")

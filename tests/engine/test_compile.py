@@ -209,3 +209,19 @@ def test_data_parallel_training_compiled(tmp_path):
     log = proc.stdout + proc.stderr
     assert "compile=True: compiled backbone, neck for training" in log, fail_text(proc)
     assert (tmp_path / "work" / "epoch_1.pth").is_file()
+
+
+def test_benchmark_attributes_graph_breaks_to_the_part_whose_code_broke():
+    import traceback
+
+    import mmdet
+
+    from hieradet_mmdet.benchmark.compiled import part_of
+    from hieradet_mmdet.models import hieradet
+
+    heads = os.path.join(os.path.dirname(mmdet.__file__), "models", "roi_heads", "standard_roi_head.py")
+    glue = os.path.join(os.path.dirname(mmdet.__file__), "models", "detectors", "two_stage.py")
+    frame = lambda path: traceback.FrameSummary(path, 1, "f")  # noqa: E731
+    assert part_of([frame(glue), frame(hieradet.__file__)]) == "backbone"
+    assert part_of([frame(glue), frame(heads)]) == "heads"
+    assert part_of([frame(glue)]) == "other"
