@@ -225,3 +225,27 @@ def test_benchmark_attributes_graph_breaks_to_the_part_whose_code_broke():
     assert part_of([frame(glue), frame(hieradet.__file__)]) == "backbone"
     assert part_of([frame(glue), frame(heads)]) == "heads"
     assert part_of([frame(glue)]) == "other"
+
+
+SHIPPED = sorted(str(p.relative_to(ROOT / "configs")) for p in [*(ROOT / "configs").glob("*.py"),
+                                                                  *(ROOT / "configs" / "swap").glob("*.py")])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_builds_for_compile(name):
+    """Every config: CompileHook among its hooks, optimizer groups dynamo can step, and the parts
+    CompileHook compiles present (compiling is lazy: nothing is traced here)."""
+    from mmengine.optim import build_optim_wrapper
+
+    from hieradet_mmdet.benchmark.cases import narrow_detector_config
+    from hieradet_mmdet.engine.compile import DEFAULT_PARTS, compile_parts
+    from helpers import random_detector
+
+    cfg = load_config(name)
+    assert dict(type="CompileHook") in cfg.custom_hooks
+    model = random_detector(narrow_detector_config(cfg))
+    groups = build_optim_wrapper(model, cfg.optim_wrapper).optimizer.param_groups
+    assert all(type(g) is dict for g in groups)
+    done = compile_parts(model, DEFAULT_PARTS, dict(backend="aot_eager"))
+    assert done == [part for part in DEFAULT_PARTS if getattr(model, part, None) is not None] and "backbone" in done
+    assert compile_parts(model, DEFAULT_PARTS, {}) == []  # compiled once
