@@ -191,7 +191,9 @@ def test_mmdetections_own_tools_train_and_test_compiled(name, tmp_path):
     test = run_tool(mmdet_tool("test.py"), config, tmp_path / "work" / checkpoint, "--work-dir", tmp_path / "test",
                     "--cfg-options", AOT, env=ENV, cwd=tmp_path)
     assert test.returncode == 0, fail_text(test)
-    assert "compile=True: compiled backbone" in test.stdout + test.stderr and "mAP" in test.stdout + test.stderr
+    text = test.stdout + test.stderr
+    # an untrained RetinaNet may keep no detection above its score threshold: then no mAP is printed
+    assert "compile=True: compiled backbone" in text and "Epoch(test) [2/2]" in text, fail_text(test)
 
 
 def test_data_parallel_training_compiled(tmp_path):
