@@ -273,3 +273,22 @@ def require_loop_state(loop) -> None:
     """Raise MMEngineChanged unless the training loop has the state its subclasses here use."""
     for name in LOOP_STATE:
         _attribute(loop, name, f"{type(loop).__mro__[-3].__name__}'s state")
+
+
+# ---- Runner._maybe_compile: what compile=True did to the model -------------------------------------
+# Runner.train() calls _maybe_compile('train_step') before the training loop: with cfg.compile set it
+# replaces the method by torch.compile(model.train_step, **options), as an instance attribute.
+
+COMPILED_TARGET = "train_step"
+
+
+def undo_train_step_compile(model) -> bool:
+    """Back to the model's own (eager) train_step after Runner._maybe_compile; whether it had been compiled."""
+    compiled = vars(model).get(COMPILED_TARGET)
+    if compiled is None:
+        return False
+    if not hasattr(compiled, "_torchdynamo_orig_callable") and not hasattr(compiled, "__wrapped__"):
+        raise MMEngineChanged("Runner._maybe_compile", f"model.{COMPILED_TARGET} is set on the instance but is not "
+                              f"what torch.compile returns ({type(compiled).__name__})")
+    restore(model, COMPILED_TARGET)
+    return True

@@ -207,3 +207,20 @@ def test_config_text_without_yapf_is_the_same_config(tmp_path):
     text = cfg.pretty_text  # formatted or not, the text is Python that reads back as the same config
     again = Config.fromstring(text, ".py")
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_compile_true_sets_a_compiled_train_step_on_the_model_that_can_be_undone(tmp_path):
+    from mmengine.hooks import Hook
+
+    seen = []
+
+    class Look(Hook):
+        def before_train(self, runner):
+            seen.append(callable(getattr(runner.model.train_step, "_torchdynamo_orig_callable", None)))
+            seen.append(api.undo_train_step_compile(runner.model))
+            seen.append(runner.model.train_step.__func__ is BaseModel.train_step)
+
+    runner = toy_runner(tmp_path, cfg=dict(compile=True), custom_hooks=[Look()])
+    runner.train()  # the eager train_step after the undo: no compilation
+    assert seen == [True, True, True]
+    assert not api.undo_train_step_compile(ToyModel())

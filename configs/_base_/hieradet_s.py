@@ -8,7 +8,9 @@ custom_imports = dict(imports=['hieradet_mmdet'], allow_failed_imports=False)
 # HieraDetCheckHook: the neck against the backbone before anything runs, the preprocessing against
 # the loaded checkpoint's rgb_stats. FiniteLossHook: a non-finite loss stops training before the
 # step that would write NaNs into the weights ('skip' instead: dict(type=..., on_nonfinite='skip')).
-custom_hooks = [dict(type='HieraDetCheckHook'), dict(type='FiniteLossHook')]
+# CompileHook: with `compile = True`, what torch cannot compile runs eagerly instead of stopping the
+# run (does nothing otherwise; docs/compile.md).
+custom_hooks = [dict(type='HieraDetCheckHook'), dict(type='FiniteLossHook'), dict(type='CompileHook')]
 
 # Backbone output channels at strides 4, 8, 16, 32 (HieraDet-S: 96 * 2**stage).
 hieradet_s_channels = [96, 192, 384, 768]

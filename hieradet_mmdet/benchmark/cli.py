@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coco-eval-data", type=Path, metavar="DIR",
                         help="--coco-eval: where the generated set is written once and reused "
                              "(default: $TMPDIR or /tmp, hieradet-mmdet-coco-eval/)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run nothing else: torch.compile against eager as compile=True compiles (backbone and "
+                             "neck), backbone alone and whole Mask R-CNN, inference and train step, compile time "
+                             "cold and warm, graph breaks per part (hieradet_mmdet.benchmark.compiled); the first "
+                             "--sizes, --device, --threads, --iters, --warmup")
+    parser.add_argument("--compile-cases", nargs="+", metavar="CASE",
+                        choices=("backbone-infer", "backbone-train", "detector-infer", "detector-train"),
+                        default=["backbone-infer", "backbone-train", "detector-infer", "detector-train"],
+                        help="with --compile: which of backbone-infer, backbone-train, detector-infer, detector-train")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
@@ -201,6 +210,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if args.out:
             write_json(args.out, dict(command=" ".join(sys.argv), machine=machine_info("cpu"), coco_eval=report))
         return dict(coco_eval=report)
+    if args.compile:
+        from . import compiled
+
+        rows = compiled.run_cases(args.compile_cases, args.sizes[0], args.device, args.threads, args.iters,
+                                  args.warmup)
+        machine = machine_info(args.device)
+        print(compiled.table(rows))
+        print(f"\n{machine.get('gpu', machine['cpu'])}; threads {args.threads}; size {args.sizes[0][0]}x{args.sizes[0][1]}")
+        for row in rows:
+            for reason in (row.get("breaks") or {}).get("reasons", []):
+                print(f"  {row['case']} break: {reason}")
+        if args.out:
+            write_json(args.out, dict(command=" ".join(sys.argv), machine=machine, compile=rows))
+        return dict(compile=rows)
     if args.from_json:
         reports = [json.loads(path.read_text()) for path in args.from_json]
         results = [r for report in reports for r in report["results"]]

@@ -6,6 +6,7 @@ from .amp import AutocastOptimWrapper
 from .checkpointing import SafeCheckpointHook
 from .checks import HieraDetCheckHook, check_detector
 from .coco_metric import FastCocoMetric
+from .compile import CompileHook
 from .datasets import CheckedCocoDataset
 from .distributed import HeartbeatHook
 from .finite_loss import FiniteLossHook, NonFiniteLossError
@@ -14,7 +15,7 @@ from .loops import ResumableEpochBasedTrainLoop, ResumableIterBasedTrainLoop
 from .resumable_data import ResumableBatchSampler
 from .transforms import CheckedLoadImageFromFile
 
-__all__ = ["AutocastOptimWrapper", "CheckedCocoDataset", "CheckedLoadImageFromFile", "FastCocoMetric", "FiniteLossHook",
-           "HeartbeatHook", "HieraDetCheckHook", "HieraDetLayerDecayConstructor", "NonFiniteLossError",
+__all__ = ["AutocastOptimWrapper", "CheckedCocoDataset", "CheckedLoadImageFromFile", "CompileHook", "FastCocoMetric",
+           "FiniteLossHook", "HeartbeatHook", "HieraDetCheckHook", "HieraDetLayerDecayConstructor", "NonFiniteLossError",
            "ResumableBatchSampler", "ResumableEpochBasedTrainLoop", "ResumableIterBasedTrainLoop",
            "SafeCheckpointHook", "check_detector"]

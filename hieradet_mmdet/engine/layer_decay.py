@@ -158,7 +158,11 @@ class HieraDetLayerDecayConstructor(DefaultOptimWrapperConstructor):
             print_log("HieraDetLayerDecayConstructor: no HieraDet in the model, so no layer-wise "
                       "decay; only the weight-decay rules apply", logger="current", level=30)
 
-        optimizer_cfg = self.optimizer_cfg.copy()
+        # A plain dict, not the config's ConfigDict: a ConfigDict turns every dict stored in it into
+        # a ConfigDict, and torch keeps the groups it is given as its param_groups. torch.compile
+        # (MMEngine's ``compile=True`` traces the optimizer step) fails on param groups that are
+        # not plain dicts (dynamo: "'UserDefinedDictVariable' object has no attribute 'items'").
+        optimizer_cfg = dict(self.optimizer_cfg)
         optimizer_cls = optimizer_cfg["type"]
         if isinstance(optimizer_cls, str):
             with OPTIMIZERS.switch_scope_and_registry(None) as registry:

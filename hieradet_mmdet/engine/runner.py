@@ -8,7 +8,8 @@
   own extension points: data-parallel settings (:mod:`.distributed`), crash-safe checkpoints
   (:mod:`.checkpointing`), the non-finite loss check (:mod:`.finite_loss`), image and annotation
   loading that names broken files (:mod:`.transforms`, :mod:`.datasets`), detector checks
-  (:mod:`.checks`), COCO metrics in a fraction of pycocotools' time (:mod:`.coco_metric`).
+  (:mod:`.checks`), COCO metrics in a fraction of pycocotools' time (:mod:`.coco_metric`),
+  ``compile = True`` that never stops a run (:mod:`.compile`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def prepare_config(cfg, launcher: str = "none", dist_timeout_s: Optional[float] 
     for key in ("val_evaluator", "test_evaluator"):
         if cfg.get(key) is not None:
             _replace_types(cfg[key], FAST_METRIC_TYPES)
-    wanted = ["HieraDetCheckHook", "FiniteLossHook"] + (["HeartbeatHook"] if launcher != "none" else [])
+    wanted = ["HieraDetCheckHook", "FiniteLossHook", "CompileHook"] + (["HeartbeatHook"] if launcher != "none" else [])
     hooks = list(cfg.get("custom_hooks") or [])
     present = {h.get("type") for h in hooks}
     cfg.custom_hooks = hooks + [dict(type=t) for t in wanted if t not in present]

@@ -1,0 +1,142 @@
+"""``compile = True`` in a config (MMEngine's switch for ``torch.compile``): what it compiles here,
+and a run that never stops because of it.
+
+MMEngine's ``Runner.train`` compiles the whole ``model.train_step`` when the config sets ``compile``
+(``True``, or a dict of ``torch.compile``'s keyword arguments): dynamo then traces the data
+preprocessor, the detector, the losses, ``loss.backward()`` and the optimizer step, and breaks the
+graph wherever it cannot trace -- in a two-stage detector at every mmcv op (NMS, RoIAlign), every
+``.item()`` and every data-dependent shape of the heads: about a hundred frames, each compiled on
+its own. On a 2-core CPU the first iteration of a narrow Mask R-CNN had not finished compiling
+after 10 minutes (docs/compile.md). The graphs that pay are the backbone's (HieraDet runs its
+reference path while compiled, ``hieradet.is_exporting``, and traces with 0 graph breaks) and the
+neck's.
+
+:class:`CompileHook` (in every config here's ``custom_hooks``; ``tools/train.py`` and
+``tools/test.py`` add it to any config) does nothing unless ``compile`` is set. With it:
+
+* ``parts`` (default ``('backbone', 'neck')``): those submodules are compiled in place
+  (``nn.Module.compile`` with the config's options: state-dict keys and checkpoints unchanged),
+  for training, validation and ``tools/test.py`` alike, and MMEngine's compiled ``train_step`` is
+  put back to the eager one, so the heads, losses, backward and optimizer step run eagerly as
+  without ``compile``. ``parts=None`` keeps MMEngine's whole-``train_step`` compilation (training
+  only: MMEngine compiles nothing for validation and testing).
+* A frame that torch itself fails to compile runs eagerly instead of stopping the run
+  (``torch._dynamo.config.suppress_errors``); the hook says so once, and dynamo's warning names
+  the frame.
+* The optimizer's parameter groups are plain dicts: dynamo cannot trace an optimizer step over
+  groups of a dict subclass, which is what MMEngine's own ``DefaultOptimWrapperConstructor``
+  hands torch when a config has a ``paramwise_cfg`` (``HieraDetLayerDecayConstructor`` gives plain
+  dicts).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from mmdet.registry import HOOKS
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+
+from .. import mmengine_adapter as mmengine_api
+
+DEFAULT_PARTS = ("backbone", "neck")
+
+
+def compile_options(cfg) -> Optional[dict]:
+    """torch.compile's keyword arguments when a config asks MMEngine to compile, else None."""
+    value = cfg.get("compile", None) if cfg is not None else None
+    if isinstance(value, dict):
+        return dict(value)
+    return {} if value else None
+
+
+def plain_param_groups(optimizer) -> int:
+    """Make every parameter group of ``optimizer`` a plain dict (in place); returns how many were not."""
+    changed = 0
+    for i, group in enumerate(optimizer.param_groups):
+        if type(group) is not dict:
+            optimizer.param_groups[i] = {k: v if k == "params" else _plain(v) for k, v in group.items()}
+            changed += 1
+    return changed
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def optimizers_of(optim_wrapper) -> list:
+    """The torch optimizers of an OptimWrapper or an OptimWrapperDict."""
+    if hasattr(optim_wrapper, "optimizer"):
+        return [optim_wrapper.optimizer]
+    if hasattr(optim_wrapper, "optim_wrappers"):
+        return [w.optimizer for w in optim_wrapper.optim_wrappers.values()]
+    return []
+
+
+def compile_parts(model, parts: Sequence[str], options: dict) -> list[str]:
+    """Compile the named submodules of ``model`` in place (those it has and that are not compiled
+    yet); returns the names compiled now."""
+    model = getattr(model, "module", model)  # (Distributed)DataParallel
+    done = []
+    for name in parts:
+        module = getattr(model, name, None)
+        if module is None or getattr(module, "_compiled_call_impl", None) is not None:
+            continue
+        module.compile(**options)
+        done.append(name)
+    return done
+
+
+@HOOKS.register_module()
+class CompileHook(Hook):
+    """What ``compile = True`` compiles, and eager fallback instead of a crash (module docstring)."""
+
+    priority = "VERY_HIGH"
+
+    def __init__(self, parts: Optional[Sequence[str]] = DEFAULT_PARTS) -> None:
+        self.parts = None if parts is None else tuple(parts)
+        self._said = False
+
+    def before_train(self, runner) -> None:
+        options = compile_options(runner.cfg)
+        if options is None:
+            return
+        model = runner.model
+        if self.parts is not None:
+            mmengine_api.undo_train_step_compile(model)
+        fixed = sum(plain_param_groups(opt) for opt in optimizers_of(runner.optim_wrapper))
+        self._compile(runner, options, "training")
+        if fixed:
+            print_log(f"compile: {fixed} optimizer parameter groups made plain dicts (dynamo traces the optimizer "
+                      "step)", logger="current")
+
+    def before_val(self, runner) -> None:
+        self._for_inference(runner, "validation")
+
+    def before_test(self, runner) -> None:
+        self._for_inference(runner, "testing")
+
+    def _for_inference(self, runner, what: str) -> None:
+        options = compile_options(runner.cfg)
+        if options is not None and self.parts is not None:
+            self._compile(runner, options, what)
+
+    def _compile(self, runner, options: dict, what: str) -> None:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        done = compile_parts(runner.model, self.parts, options) if self.parts is not None else []
+        if self._said:
+            return
+        self._said = True
+        if self.parts is None:
+            scope = "MMEngine compiles the whole train_step (CompileHook parts=None)"
+        else:
+            scope = (f"compiled {', '.join(done) or 'nothing new'} for {what} (CompileHook parts="
+                     f"{list(self.parts)}); heads, losses, backward and optimizer step run eagerly")
+        print_log(f"compile=True: {scope}. What torch cannot compile runs eagerly (dynamo's warning names it) "
+                  "instead of stopping the run; the first iterations compile and are slow.", logger="current")
