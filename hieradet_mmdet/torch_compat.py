@@ -32,3 +32,34 @@ def compiler_is_compiling() -> bool:
     from torch._dynamo import is_compiling
 
     return is_compiling()
+
+
+# What ONNX export and torch.export programs (hieradet_mmdet.export) use, with the torch that added it.
+EXPORT_APIS = (("torch.library.custom_op", "2.4"), ("torch.onnx.export(dynamo=...)", "2.5"),
+               ("torch.export.Dim.AUTO", "2.6"))
+
+
+def _has(api: str) -> bool:
+    if api == "torch.library.custom_op":
+        return hasattr(torch.library, "custom_op")
+    if api == "torch.onnx.export(dynamo=...)":
+        import inspect
+
+        return "dynamo" in inspect.signature(torch.onnx.export).parameters
+    if api == "torch.export.Dim.AUTO":
+        try:
+            from torch.export import Dim
+        except ImportError:
+            return False
+        return hasattr(Dim, "AUTO")
+    raise ValueError(api)
+
+
+def export_unsupported() -> Optional[str]:
+    """One line saying what export needs where this torch lacks it, else None."""
+    missing = [(api, version) for api, version in EXPORT_APIS if not _has(api)]
+    if not missing:
+        return None
+    need = max(version for _, version in missing)
+    return (f"ONNX and torch.export need torch >= {need} (this is torch {torch.__version__}, which lacks "
+            f"{', '.join(api for api, _ in missing)}); everything else works here (docs/installation.md)")

@@ -163,3 +163,21 @@ def test_our_hooks_arguments_under_mmengines_hook_are_refused_before_training(tm
     assert "Iter(train)" not in proc.stdout + proc.stderr
     ours = run_tool(ROOT / "tools" / "train.py", config, "--work-dir", tmp_path / "ours", cwd=tmp_path)
     assert ours.returncode == 0, fail_text(ours)
+
+
+def test_retinanet_trains_tests_and_resumes_through_both_tools(tmp_path):
+    """RetinaNet (the single-stage config): MMDetection's train.py, then our test.py's COCO bbox AP,
+    then our train.py resuming what MMDetection's wrote, and MMDetection's test.py on the result."""
+    config, _ = tiny_detector_config(tmp_path, iters=ITERS, narrow=True, base="retinanet_hieradet_s.py")
+    work = tmp_path / "work"
+    proc = run_tool(mmdet_tool("train.py"), config, "--work-dir", work, cwd=tmp_path)
+    assert proc.returncode == 0, fail_text(proc)
+    proc = run_tool(ROOT / "tools" / "test.py", config, work / f"iter_{ITERS}.pth", "--work-dir", tmp_path / "eval")
+    assert proc.returncode == 0 and "bbox_mAP_copypaste" in proc.stdout + proc.stderr, fail_text(proc)
+    proc = run_tool(ROOT / "tools" / "train.py", config, "--work-dir", work, "--resume",
+                    "--cfg-options", f"train_cfg.max_iters={ITERS + 1}")
+    assert proc.returncode == 0, fail_text(proc)
+    assert f"Iter(train) [{ITERS + 1}/{ITERS + 1}]" in proc.stdout + proc.stderr, fail_text(proc)
+    proc = run_tool(mmdet_tool("test.py"), config, work / f"iter_{ITERS + 1}.pth", "--work-dir",
+                    tmp_path / "eval2", cwd=tmp_path)
+    assert proc.returncode == 0 and "bbox_mAP_copypaste" in proc.stdout + proc.stderr, fail_text(proc)
