@@ -12,25 +12,33 @@ CACHE="${HIERADET_MMDET_CACHE:-$HOME/.cache/hieradet-mmdet}"
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
 NUMPY_SPEC=
-MMENGINE_VERSION=0.10.7
+MMENGINE_DIST=mmengine MMENGINE_VERSION=0.10.7
 MMCV_VERSION=2.1.0
-MMDET_VERSION=3.3.0
+MMDET_DIST=mmdet MMDET_VERSION=3.3.0
 BIRDER_VERSION=0.8.4
 SETUPTOOLS_PIN='setuptools>=77,<81'
-# STACK=floor: the oldest stack tested (docs/installation.md), in a venv outside the repo keyed by its
-# versions; no birder there (it needs Python >= 3.11): its reference numbers come from the current stack.
+# The other stacks tested (docs/installation.md), each in a venv outside the repo keyed by its versions,
+# without birder (its reference numbers come from the current stack: tools/test_stack.sh).
+#   floor: the oldest, as MMDetection 3.3 users commonly run it (mmcv built against torch 2.1 as released).
+#   fork:  the maintained community fork's mmengine and mmdetection (same module names) on the current
+#          torch, with the current stack's mmcv 2.1.0 wheel (its onedl-mmcv 2.3.6 would be a second
+#          20-minute source build in CI); OpenMMLab's mmengine must not be installed beside it.
 STACK="${STACK:-current}"
 case "$STACK" in
     current) ;;
     floor)
         TORCH_VERSION=2.1.2 TORCHVISION_VERSION=0.16.2 NUMPY_SPEC=numpy==1.26.4
-        PY_BOOT="${FLOOR_PYTHON:-$(command -v python3.10 || echo "$HOME/.pyenv/versions/3.10.13/bin/python")}"
+        PY_BOOT="${FLOOR_PYTHON:-python3.10}"
+        "$PY_BOOT" -c '' 2>/dev/null || PY_BOOT="$(ls -d "$HOME"/.pyenv/versions/3.10.*/bin/python 2>/dev/null | tail -n 1)"
         ;;
-    *) echo "[setup] STACK=$STACK is not a stack here (current, floor)" >&2; exit 2 ;;
+    fork)
+        MMENGINE_DIST=onedl-mmengine MMENGINE_VERSION=0.10.12 MMDET_DIST=onedl-mmdetection MMDET_VERSION=3.5.1
+        ;;
+    *) echo "[setup] STACK=$STACK is not a stack here (current, floor, fork)" >&2; exit 2 ;;
 esac
 if [ "$STACK" != current ]; then
     PY_VERSION="$("$PY_BOOT" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-    VENV="$CACHE/envs/$STACK-py$PY_VERSION-torch$TORCH_VERSION-mmcv$MMCV_VERSION-mmengine$MMENGINE_VERSION-mmdet$MMDET_VERSION"
+    VENV="$CACHE/envs/$STACK-py$PY_VERSION-torch$TORCH_VERSION-mmcv$MMCV_VERSION-$MMENGINE_DIST$MMENGINE_VERSION-$MMDET_DIST$MMDET_VERSION"
 fi
 
 # tools/test_stack.sh asks where a stack's venv is.
@@ -74,9 +82,9 @@ fi
 "${PIP[@]}" install -c "$CONSTRAINTS" "$SETUPTOOLS_PIN"
 stage_done "torch"
 
-if ! have "mmengine==$MMENGINE_VERSION"; then
-    say "installing mmengine $MMENGINE_VERSION"
-    "${PIP[@]}" install -c "$CONSTRAINTS" "mmengine==$MMENGINE_VERSION"
+if ! have "$MMENGINE_DIST==$MMENGINE_VERSION"; then
+    say "installing $MMENGINE_DIST $MMENGINE_VERSION"
+    "${PIP[@]}" install -c "$CONSTRAINTS" "$MMENGINE_DIST==$MMENGINE_VERSION"
 fi
 
 # --- mmcv: built from source with ops, cached by everything its binary depends on ---
@@ -149,9 +157,14 @@ if ! mmcv_ops_work; then
 fi
 stage_done "mmcv"
 
-if ! have "mmdet==$MMDET_VERSION"; then
-    say "installing mmdet $MMDET_VERSION"
-    "${PIP[@]}" install -c "$CONSTRAINTS" "mmdet==$MMDET_VERSION"
+if ! have "$MMDET_DIST==$MMDET_VERSION"; then
+    say "installing $MMDET_DIST $MMDET_VERSION"
+    "${PIP[@]}" install -c "$CONSTRAINTS" "$MMDET_DIST==$MMDET_VERSION"
+fi
+# Two distributions writing one module (mmengine) leave whichever was installed last: refuse that.
+if [ "$MMENGINE_DIST" != mmengine ] && "$PY" -m pip show -q mmengine >/dev/null 2>&1; then
+    say "both mmengine and $MMENGINE_DIST are installed in $VENV; remove the venv and run again"
+    exit 1
 fi
 # This package, editable, with its test extras: pytest (+ pytest-randomly, pytest-xdist), pycocotools, birder
 # (the reference the tests compare against), safetensors, onnx + onnxruntime (export tests).
