@@ -74,7 +74,7 @@ def record(directory: Path) -> Path:
     torch.save(dict(features=features, batch=batch, embedding=embedding, logits=logits,
                     rgb_stats={k: list(v) for k, v in stats.items()},
                     files={k: str(Path(v).resolve().relative_to(directory.resolve())) for k, v in files.items()},
-                    recorded_with=dict(torch=torch.__version__, birder=birder.__version__)),
+                    recorded_with=dict(torch=str(torch.__version__), birder=str(birder.__version__))),
                directory / FILE)
     return directory
 
