@@ -158,7 +158,7 @@ def test_our_hooks_arguments_under_mmengines_hook_are_refused_before_training(tm
     config = user_config(tmp_path, base, MMDET_STYLE_CHECKPOINT)
     proc = run_tool(mmdet_tool("train.py"), config, "--work-dir", tmp_path / "mmdet", cwd=tmp_path)
     assert proc.returncode != 0
-    line = next(line for line in proc.stderr.splitlines() if "ConfigMergeError" in line)
+    line = next(line for line in proc.stderr.splitlines() if line.startswith("hieradet_mmdet.engine.checks.ConfigMergeError: "))
     assert "latest_interval_minutes" in line and "type='SafeCheckpointHook'" in line and "_delete_=True" in line, line
     assert "Iter(train)" not in proc.stdout + proc.stderr
     ours = run_tool(ROOT / "tools" / "train.py", config, "--work-dir", tmp_path / "ours", cwd=tmp_path)
