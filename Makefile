@@ -12,6 +12,11 @@ CPU_BOUND_TESTS := tests/models tests/export/test_backbone_export.py tests/weigh
 	tests/benchmark tests/test_cpu.py
 PYTEST := -m pytest -q -n 2 --dist loadfile
 
+# `make test STACK=floor`: the compatibility selection (tests/compat_tests.txt) in the oldest stack tested
+# (torch 2.1, Python 3.10), built outside the repo, against birder's numbers recorded by .venv in the same
+# run (tools/test_stack.sh; the stacks: docs/installation.md).
+STACK ?= current
+
 .PHONY: setup test demo
 
 # Idempotent: every step checks what is already installed; the mmcv wheel is cached in ~/.cache.
@@ -23,7 +28,9 @@ $(STAMP): tools/setup_env.sh pyproject.toml
 	$(MAKE) setup
 
 test: $(STAMP)
-ifeq ($(CPU),)
+ifneq ($(STACK),current)
+	bash tools/test_stack.sh $(STACK)
+else ifeq ($(CPU),)
 	$(PY) $(PYTEST) tests
 else ifeq ($(CPU),avx2)
 	$(AVX2_ONLY) $(PY) -m hieradet_mmdet.cpu --expect avx2

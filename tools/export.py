@@ -64,6 +64,12 @@ def main(argv=None) -> int:
     enforce_safe_loading()
     import torch
 
+    from hieradet_mmdet.torch_compat import export_unsupported
+
+    if export_unsupported():
+        print(f"error: {export_unsupported()}", file=sys.stderr)
+        return 2
+
     from hieradet_mmdet.export.classifier import export_classifier
     from hieradet_mmdet.export.detector import export_from_config
     from hieradet_mmdet.export.exporting import ExportTarget

@@ -11,13 +11,42 @@ CACHE="${HIERADET_MMDET_CACHE:-$HOME/.cache/hieradet-mmdet}"
 
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
-MMENGINE_VERSION=0.10.7
+NUMPY_SPEC=
+MMENGINE_DIST=mmengine MMENGINE_VERSION=0.10.7
 MMCV_VERSION=2.1.0
-MMDET_VERSION=3.3.0
+MMDET_DIST=mmdet MMDET_VERSION=3.3.0
 BIRDER_VERSION=0.8.4
 SETUPTOOLS_PIN='setuptools>=77,<81'
+# The other stacks tested (docs/installation.md), each in a venv outside the repo keyed by its versions,
+# without birder (its reference numbers come from the current stack: tools/test_stack.sh).
+#   floor: the oldest, as MMDetection 3.3 users commonly run it (mmcv built against torch 2.1 as released).
+#   fork:  the maintained community fork's mmengine and mmdetection (same module names) on the current
+#          torch, with the current stack's mmcv 2.1.0 wheel (its onedl-mmcv 2.3.6 would be a second
+#          20-minute source build in CI); OpenMMLab's mmengine must not be installed beside it.
+STACK="${STACK:-current}"
+case "$STACK" in
+    current) ;;
+    floor)
+        TORCH_VERSION=2.1.2 TORCHVISION_VERSION=0.16.2 NUMPY_SPEC=numpy==1.26.4
+        PY_BOOT="${FLOOR_PYTHON:-python3.10}"
+        "$PY_BOOT" -c '' 2>/dev/null || PY_BOOT="$(ls -d "$HOME"/.pyenv/versions/3.10.*/bin/python 2>/dev/null | tail -n 1)"
+        ;;
+    fork)
+        MMENGINE_DIST=onedl-mmengine MMENGINE_VERSION=0.10.12 MMDET_DIST=onedl-mmdetection MMDET_VERSION=3.5.1
+        ;;
+    *) echo "[setup] STACK=$STACK is not a stack here (current, floor, fork)" >&2; exit 2 ;;
+esac
+if [ "$STACK" != current ]; then
+    PY_VERSION="$("$PY_BOOT" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    VENV="$CACHE/envs/$STACK-py$PY_VERSION-torch$TORCH_VERSION-mmcv$MMCV_VERSION-$MMENGINE_DIST$MMENGINE_VERSION-$MMDET_DIST$MMDET_VERSION"
+fi
+
+# tools/test_stack.sh asks where a stack's venv is.
+if [ "${SETUP_PRINT_VENV:-}" = 1 ]; then echo "$VENV"; exit 0; fi
 
 say() { printf '[setup] %s\n' "$*"; }
+stage_start=$(date +%s)
+stage_done() { say "$1 took $(( ($(date +%s) - stage_start) / 60 )) min"; stage_start=$(date +%s); }
 
 if [ ! -x "$VENV/bin/python" ]; then
     say "creating $VENV with $PY_BOOT"
@@ -28,7 +57,8 @@ PIP=("$PY" -m pip --disable-pip-version-check --quiet)
 
 # Keeps every later install from replacing torch or lifting setuptools past 81.
 CONSTRAINTS="$VENV/hieradet-constraints.txt"
-printf 'torch==%s\ntorchvision==%s\n%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" "$SETUPTOOLS_PIN" > "$CONSTRAINTS"
+printf 'torch==%s\ntorchvision==%s\n%s\n%s' "$TORCH_VERSION" "$TORCHVISION_VERSION" "$SETUPTOOLS_PIN" "${NUMPY_SPEC:+$NUMPY_SPEC
+}" > "$CONSTRAINTS"
 
 have() { "$PY" - "$@" <<'PYEOF'
 import sys
@@ -47,13 +77,14 @@ PYEOF
 if ! have "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" ninja==1.13.0; then
     say "installing torch $TORCH_VERSION + torchvision $TORCHVISION_VERSION (about a minute)"
     "${PIP[@]}" install -c "$CONSTRAINTS" "$SETUPTOOLS_PIN" wheel ninja==1.13.0 \
-        "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+        "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" ${NUMPY_SPEC:+"$NUMPY_SPEC"}
 fi
 "${PIP[@]}" install -c "$CONSTRAINTS" "$SETUPTOOLS_PIN"
+stage_done "torch"
 
-if ! have "mmengine==$MMENGINE_VERSION"; then
-    say "installing mmengine $MMENGINE_VERSION"
-    "${PIP[@]}" install -c "$CONSTRAINTS" "mmengine==$MMENGINE_VERSION"
+if ! have "$MMENGINE_DIST==$MMENGINE_VERSION"; then
+    say "installing $MMENGINE_DIST $MMENGINE_VERSION"
+    "${PIP[@]}" install -c "$CONSTRAINTS" "$MMENGINE_DIST==$MMENGINE_VERSION"
 fi
 
 # --- mmcv: built from source with ops, cached by everything its binary depends on ---
@@ -79,18 +110,21 @@ if ! mmcv_ops_work; then
     if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
         mkdir -p "$CACHE/logs" "$CACHE/build"
         LOG="$CACHE/logs/mmcv-$MMCV_VERSION-$PY_TAG-$CUDA_TAG-$(date +%Y%m%d-%H%M%S).log"
-        SRC="$CACHE/build/mmcv-$MMCV_VERSION"
+        BUILD="$CACHE/build/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$PY_TAG-$CUDA_TAG"  # one per stack: builds may overlap
+        SRC="$BUILD/mmcv-$MMCV_VERSION"
         if [ "$MMCV_OPS" = cuda ]; then
             say "building mmcv $MMCV_VERSION with CUDA ops ($CUDA_TAG) from source: about $MMCV_BUILD_MINUTES min with ${MAX_JOBS:-$(nproc)} parallel jobs, once per machine"
         else
             say "building mmcv $MMCV_VERSION with ops ($CUDA_TAG) from source: 11-23 min on 2 cores (by processor), once per machine"
         fi
         say "build log: $LOG"
-        rm -rf "$SRC" "$CACHE/build/sdist"
-        "${PIP[@]}" download --no-deps --no-binary :all: "mmcv==$MMCV_VERSION" -d "$CACHE/build/sdist"
-        tar -xzf "$CACHE/build/sdist/mmcv-$MMCV_VERSION.tar.gz" -C "$CACHE/build"
-        # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes c++14/c++17 (mmcv#3341).
-        sed -i -e 's/-std=c++14/-std=c++20/g' -e 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
+        rm -rf "$BUILD"
+        "${PIP[@]}" download --no-deps --no-binary :all: "mmcv==$MMCV_VERSION" -d "$BUILD/sdist"
+        tar -xzf "$BUILD/sdist/mmcv-$MMCV_VERSION.tar.gz" -C "$BUILD"
+        # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes c++14/c++17 (mmcv#3341). Older torch builds as released.
+        if "$PY" -c 'import sys, torch; sys.exit(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 10))'; then
+            sed -i -e 's/-std=c++14/-std=c++20/g' -e 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
+        fi
         start=$(date +%s)
         (
             cd "$SRC"
@@ -121,21 +155,38 @@ if ! mmcv_ops_work; then
     "${PIP[@]}" install -c "$CONSTRAINTS" --force-reinstall --no-deps "$WHEEL_DIR"/mmcv-*.whl
     "${PIP[@]}" install -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf opencv-python
 fi
+stage_done "mmcv"
 
-if ! have "mmdet==$MMDET_VERSION"; then
-    say "installing mmdet $MMDET_VERSION"
-    "${PIP[@]}" install -c "$CONSTRAINTS" "mmdet==$MMDET_VERSION"
+if ! have "$MMDET_DIST==$MMDET_VERSION"; then
+    say "installing $MMDET_DIST $MMDET_VERSION"
+    "${PIP[@]}" install -c "$CONSTRAINTS" "$MMDET_DIST==$MMDET_VERSION"
+fi
+# Two distributions writing one module (mmengine) leave whichever was installed last: refuse that.
+if [ "$MMENGINE_DIST" != mmengine ] && "$PY" -m pip show -q mmengine >/dev/null 2>&1; then
+    say "both mmengine and $MMENGINE_DIST are installed in $VENV; remove the venv and run again"
+    exit 1
 fi
 # This package, editable, with its test extras: pytest (+ pytest-randomly, pytest-xdist), pycocotools, birder
 # (the reference the tests compare against), safetensors, onnx + onnxruntime (export tests), hotcoco and
 # faster-coco-eval (the fast COCO evaluators, compared with pycocotools).
 # birder asks for a newer setuptools; the constraints keep the one mmcv and mmengine need.
-if ! have "birder==$BIRDER_VERSION" \
+# Other stacks: the test extras birder cannot join (tests/compat.py: the compatibility selection).
+if [ "$STACK" != current ]; then
+    if ! "$PY" -c 'import pytest_randomly, xdist, pycocotools, safetensors' 2>/dev/null; then
+        say "installing the compatibility tests' dependencies"
+        "${PIP[@]}" install -c "$CONSTRAINTS" pytest pytest-randomly pytest-xdist pycocotools safetensors
+    fi
+    if [ "$("$PY" -c 'import hieradet_mmdet, os; print(os.path.dirname(os.path.dirname(hieradet_mmdet.__file__)))' 2>/dev/null)" != "$ROOT" ]; then
+        say "installing hieradet-mmdet (editable) from $ROOT"
+        "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation --no-deps -e "$ROOT"
+    fi
+elif ! have "birder==$BIRDER_VERSION" \
         || ! "$PY" -c 'import hieradet_mmdet, pytest_randomly, xdist, onnx, onnxscript, onnxruntime, pycocotools, safetensors, hotcoco, faster_coco_eval' 2>/dev/null \
         || [ "$("$PY" -c 'import hieradet_mmdet, os; print(os.path.dirname(os.path.dirname(hieradet_mmdet.__file__)))' 2>/dev/null)" != "$ROOT" ]; then
     say "installing hieradet-mmdet (editable) with its test dependencies"
     "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT[test]"
 fi
+stage_done "mmdet and this package"
 
 # panopticapi, which MMDetection's panoptic dataset and PQ metric import: panopticapi-lite is the code of
 # cocodataset/panopticapi; its metadata pins numpy<2, which would pull numpy back under torch, so it is
@@ -146,3 +197,4 @@ if ! have panopticapi-lite==0.2.0; then
 fi
 
 "$PY" -c "import hieradet_mmdet, mmdet, torch; from mmcv.ops import nms, RoIAlign; print('[setup] ready: torch', torch.__version__, '| mmdet', mmdet.__version__)"
+[ "$STACK" = current ] || touch "$VENV/.setup-done"

@@ -55,7 +55,10 @@ hieradet_auto_scale_lr = dict(enable=True, base_batch_size=16)
 # the random states and every process's data position, plus a rolling latest.pth every 10 minutes
 # inside epochs (hieradet_mmdet.engine.checkpointing); the training loop that resumes there, at the
 # next batch, without loading the trained batches again (hieradet_mmdet.engine.loops).
-hieradet_checkpoint = dict(type='SafeCheckpointHook', latest_interval_minutes=10)
+# Only the type is set here (latest_interval_minutes=10 is the hook's default): a config of yours
+# that writes MMEngine's checkpoint hook over it, dict(type='CheckpointHook', interval=2), gets exactly
+# that hook (our tools/train.py makes it a SafeCheckpointHook with the same arguments).
+hieradet_checkpoint = dict(type='SafeCheckpointHook')
 hieradet_train_loop = 'ResumableEpochBasedTrainLoop'
 
 # Mask2Former's optimizer (AdamW lr 1e-4, weight decay 0.05, gradient norm clipped at 0.01) with

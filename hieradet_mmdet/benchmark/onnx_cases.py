@@ -18,6 +18,7 @@ import argparse
 import os
 import os.path as osp
 import statistics
+import sys
 import tempfile
 
 from .cases import REPO
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from ..torch_compat import export_unsupported
+
+    if export_unsupported():
+        print(f"error: {export_unsupported()}", file=sys.stderr)
+        return 2
     import onnxruntime
     import torch
 

@@ -446,6 +446,12 @@ class _RestoreAfter:
     def __iter__(self):
         return self
 
+    def skip_iter(self, num_iters: int) -> None:
+        """How the maintained fork's IterBasedTrainLoop (onedl-mmengine 0.10.12) passes the trained
+        batches, instead of drawing them: through its iterator's skip_iter (at the sampler where it can)."""
+        self.iterator.skip_iter(num_iters)
+        self.skip -= min(self.skip, num_iters)
+
     def __next__(self):
         if self.skip == 0:
             set_rng_state(self.state)

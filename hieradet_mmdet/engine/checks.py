@@ -115,6 +115,31 @@ def check_detector(model: nn.Module, warn: bool = True) -> nn.Module:
     return model
 
 
+class ConfigMergeError(ValueError):
+    """A config's override of an inherited dict kept arguments its new ``type`` does not take."""
+
+
+# Arguments of our hooks that MMEngine's hook of the same role does not take: a config that writes
+# MMEngine's type over ours keeps them through MMEngine's dict merge, and MMEngine's CheckpointHook
+# passes them on to Runner.save_checkpoint at the first save (a TypeError, hours into training).
+OUR_HOOK_ARGUMENTS = {"CheckpointHook": ("SafeCheckpointHook", ("latest_interval_minutes", "latest_interval_iters"))}
+
+
+def merged_hook_arguments(hooks) -> Optional[str]:
+    """What is wrong (one line) when a built hook of MMEngine's carries one of our hook's arguments."""
+    for hook in hooks:
+        name = type(hook).__name__
+        if name not in OUR_HOOK_ARGUMENTS:
+            continue
+        ours, arguments = OUR_HOOK_ARGUMENTS[name]
+        kept = [a for a in arguments if a in getattr(hook, "args", {})]
+        if kept:
+            return (f"default_hooks.checkpoint is MMEngine's {name} with {ours}'s {', '.join(kept)} (kept from the "
+                    f"inherited config by MMEngine's dict merge): write type='{ours}' to keep {kept[0]}, or "
+                    f"default_hooks = dict(checkpoint=dict(_delete_=True, type='{name}', ...)) to drop it")
+    return None
+
+
 @HOOKS.register_module()
 class HieraDetCheckHook(Hook):
     """Runs :func:`check_detector` in a runner: the neck against the backbone before anything
@@ -124,6 +149,9 @@ class HieraDetCheckHook(Hook):
 
     def before_run(self, runner) -> None:
         check_detector(runner.model, warn=False)
+        problem = merged_hook_arguments(runner.hooks)
+        if problem:
+            raise ConfigMergeError(problem)
 
     def before_train(self, runner) -> None:
         check_detector(runner.model, warn=True)

@@ -32,6 +32,8 @@ from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 
+from .checks import ConfigMergeError
+
 from ..models.hieradet import HieraDet
 
 POS_EMBED_NAMES = ("pos_embed", "pos_embed_window")  # no weight decay by default
@@ -167,7 +169,15 @@ class HieraDetLayerDecayConstructor(DefaultOptimWrapperConstructor):
         if isinstance(optimizer_cls, str):
             with OPTIMIZERS.switch_scope_and_registry(None) as registry:
                 optimizer_cls = registry.get(optimizer_cls)
-        first_arg = next(iter(inspect.signature(optimizer_cls).parameters))
+        parameters = inspect.signature(optimizer_cls).parameters
+        first_arg = next(iter(parameters))
+        foreign = [k for k in optimizer_cfg if k != "type" and k not in parameters]
+        if foreign and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            raise ConfigMergeError(  # a merged dict: another optimizer's arguments kept from the inherited config
+                f"optim_wrapper.optimizer is {optimizer_cls.__name__}, which takes no {', '.join(foreign)} (kept from "
+                f"the inherited config's optimizer by MMEngine's dict merge): write "
+                f"optim_wrapper = dict(_delete_=True, type='OptimWrapper', constructor='HieraDetLayerDecayConstructor', "
+                f"optimizer=dict(type='{optimizer_cls.__name__}', ...), paramwise_cfg=...) to replace it")
         optimizer_cfg[first_arg] = self.build_param_groups(model)
         optimizer = OPTIMIZERS.build(optimizer_cfg)
 

@@ -19,6 +19,11 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from ..torch_compat import export_unsupported
+
+if export_unsupported():  # the graphs below need torch.library.custom_op and the newer exporters
+    raise ImportError(export_unsupported())
+
 OPSET = 17  # RoiAlign's half_pixel mode needs 16
 
 

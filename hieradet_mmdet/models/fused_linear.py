@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..torch_compat import cpu_autocast_dtype
 from .layers import drop_path
 
 
@@ -59,8 +60,8 @@ def fused_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     (autograd, other devices, other autocast dtypes, no oneDNN)."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
+    if cpu_autocast_dtype() is not None:
+        dtype = cpu_autocast_dtype()
         if dtype != torch.bfloat16:
             return None
     else:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..archs import NUM_STAGES, resolve_arch
+from ..torch_compat import compiler_is_compiling, compiler_is_exporting
 from .layers import attention, drop_path, pool_2x2, window_partition, window_unpartition
 from .token_layout import PlanCache
 
@@ -302,4 +303,5 @@ def is_exporting() -> bool:
     """Whether the model is being traced, exported or compiled: then only the reference path runs
     (no caches, no oneDNN-only ops, no branches on tensor values)."""
     return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_exporting() or torch.compiler.is_compiling())
+            or compiler_is_exporting() or compiler_is_compiling())
+

@@ -1,8 +1,8 @@
 """Reading checkpoint files safely, into this package's key names (forms: docs/checkpoints.md).
 
-Files are only ever read with ``torch.load(weights_only=True)`` or safetensors, so a checkpoint
-cannot run code; MMEngine's own checkpoints need a few more types, allowed by
-:mod:`.safe_globals`. What a file is (birder, SAM2, MMDetection, a plain state dict) is told by
+Files are only ever read with ``torch.load(weights_only=True)`` (on torch < 2.4 our restricted
+unpickler with the same allowlist, :mod:`.restricted_loading`) or safetensors, so a checkpoint
+cannot run code; MMEngine's own checkpoints need a few more types, allowed by :mod:`.safe_globals`. What a file is (birder, SAM2, MMDetection, a plain state dict) is told by
 its content, not its name.
 """
 
@@ -21,6 +21,7 @@ import torch
 from .convert import CLASSIFIER_PREFIXES, to_our_names
 from .errors import CheckpointError
 from .published import PretrainedWeights, resolve_source
+from .restricted_loading import safe_load
 
 # birder names its files '<network>_<tag>[_<epoch>].pt', e.g. hieradet_d_small_dino-v2-imagenet12k.pt
 _BIRDER_FILE_NAME = re.compile(r"^(hieradet_(?:d_)?(?:base_plus|small|tiny|base|large))(?:[_.-]|$)")
@@ -98,11 +99,11 @@ def load_file(path: Union[str, Path], *, mmap: bool = False) -> tuple[Any, Optio
     allow_mmengine_types()
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), None
+            return safe_load(str(path), map_location="cpu", mmap=mmap), None  # torch < 2.2 maps only str paths
         except RuntimeError as err:  # legacy (non-zip) files cannot be memory-mapped
             if not mmap or "mmap" not in str(err):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True), None
+            return safe_load(path, map_location="cpu"), None
     except pickle.UnpicklingError as err:
         text = str(err)
         unsafe = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"refusing (getattr\([^)]*\))", text)

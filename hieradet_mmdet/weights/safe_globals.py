@@ -2,7 +2,8 @@
 
 torch >= 2.6 refuses the numpy arrays and ``HistoryBuffer`` objects MMEngine 0.10 writes into
 ``meta['message_hub']``, which breaks ``--resume``, ``tools/test.py CKPT``, ``init_detector`` and
-``DetInferencer``. Instead of loading unsafely we allowlist exactly those types.
+``DetInferencer``. Instead of loading unsafely we allowlist exactly those types (on torch < 2.4,
+which cannot extend its allowlist, through :mod:`.restricted_loading`).
 ``HistoryBuffer`` pickles its statistics methods as ``getattr(HistoryBuffer, 'mean')``;
 allowing the real ``getattr`` would let a hostile file reach any attribute, so that name is
 bound to a function that returns only the statistics MMEngine defines and refuses anything else.
@@ -10,6 +11,7 @@ bound to a function that returns only the statistics MMEngine defines and refuse
 
 from __future__ import annotations
 
+import importlib
 import pickle
 
 import numpy as np
@@ -35,14 +37,21 @@ def _history_buffer_statistic(owner, name):
 
 
 def mmengine_safe_globals() -> list:
-    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
+    # numpy 2's arrays live in numpy._core, numpy 1's in numpy.core (numpy 1.26 has an empty numpy._core)
+    multiarray = importlib.import_module("numpy._core.multiarray" if np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+                                         else "numpy.core.multiarray")
     items: list = [HistoryBuffer, np.ndarray, np.dtype, (_history_buffer_statistic, "builtins.getattr")]
     for module in ("numpy.core", "numpy._core"):  # files written under numpy 1 and numpy 2
-        items += [(core.multiarray._reconstruct, f"{module}.multiarray._reconstruct"),
-                  (core.multiarray.scalar, f"{module}.multiarray.scalar")]
+        items += [(multiarray._reconstruct, f"{module}.multiarray._reconstruct"),
+                  (multiarray.scalar, f"{module}.multiarray.scalar")]
     items += [type(np.dtype(name)) for name in _NUMPY_DTYPES]
     return items
 
 
 def register_safe_globals() -> None:
-    torch.serialization.add_safe_globals(mmengine_safe_globals())
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals(mmengine_safe_globals())
+    else:  # torch < 2.4: our restricted unpickler with the same allowlist
+        from .restricted_loading import install
+
+        install()

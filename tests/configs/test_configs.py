@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from birder.data.transforms.classification import get_rgb_stats
 
 from helpers import assert_trains_and_predicts, load_config, random_detector
 
@@ -16,6 +15,7 @@ HAS_MASK = {"maskrcnn_hieradet_s.py": True, "retinanet_hieradet_s.py": False,
 
 @pytest.mark.parametrize("name", MAIN_CONFIGS)
 def test_config_contents(name, tmp_path):
+    from birder.data.transforms.classification import get_rgb_stats
     from mmengine.config import Config
 
     cfg = load_config(name)

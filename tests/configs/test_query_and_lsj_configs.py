@@ -46,7 +46,7 @@ def test_config_takes_the_shared_settings_and_resumes_anywhere(name):
     ow = cfg.optim_wrapper
     assert ow.constructor == "HieraDetLayerDecayConstructor" and ow.optimizer.type == "AdamW"
     assert cfg.default_hooks.checkpoint.type == "SafeCheckpointHook"
-    assert cfg.default_hooks.checkpoint.latest_interval_minutes == 10
+    assert not {"latest_interval_minutes", "latest_interval_iters"} & set(cfg.default_hooks.checkpoint)  # MMEngine's hook takes the rest
     iteration_based = "mask2former" in name
     assert cfg.train_cfg.type == ("ResumableIterBasedTrainLoop" if iteration_based else "ResumableEpochBasedTrainLoop")
 

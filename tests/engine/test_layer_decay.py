@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import load_config, random_detector
+from helpers import ROOT, load_config, random_detector
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,24 @@ def test_constructor_builds_amp_wrapper(maskrcnn, monkeypatch):
     assert isinstance(ow, AmpOptimWrapper)
     rate, n = cfg.optim_wrapper.paramwise_cfg.layer_decay_rate, len(model.backbone.blocks) + 1
     assert group_of(ow, model.backbone.patch_embed.weight)["lr"] == pytest.approx(1e-4 * rate ** n)
+
+
+def test_another_optimizer_merged_over_ours_is_refused_saying_what_to_write(maskrcnn, tmp_path):
+    """A config inheriting ours that names SGD without _delete_ keeps AdamW's betas through MMEngine's dict
+    merge: refused when the optimizer is built (before training starts), naming the keys and the fix."""
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+
+    from hieradet_mmdet.engine.checks import ConfigMergeError
+
+    _, model = maskrcnn
+    user = tmp_path / "user.py"
+    user.write_text(f"_base_ = ['{(ROOT / 'configs' / 'maskrcnn_hieradet_s.py').as_posix()}']\n"
+                    "optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=1e-4))\n")
+    merged = Config.fromfile(str(user)).optim_wrapper
+    with pytest.raises(ConfigMergeError, match=r"SGD, which takes no betas .*_delete_=True") as error:
+        build_optim_wrapper(model, merged)
+    assert "\n" not in str(error.value)
+    replaced = Config.fromfile(str(user))
+    replaced.optim_wrapper = dict(merged, optimizer=dict(type="SGD", lr=0.02, momentum=0.9, weight_decay=1e-4))
+    assert type(build_optim_wrapper(model, replaced.optim_wrapper).optimizer).__name__ == "SGD"

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import fail_text, mmdet_tool, run_tool, tiny_any_config, tiny_detector_config
+from helpers import ROOT, fail_text, mmdet_tool, run_tool, tiny_any_config, tiny_detector_config
 
 ITERS = 2
 
@@ -121,3 +121,63 @@ def test_mmengine_flop_count_agrees_with_the_benchmarks(arch):
     with torch.no_grad():
         benchmark = count_flops(lambda: model(x))
     assert sum(v for k, v in by_operator.items() if k != "layer_norm") * 2 == benchmark
+
+
+# A config of a user's that inherits ours and writes its checkpoint hook as MMDetection's runtime base does.
+MMDET_STYLE_CHECKPOINT = "default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False))\n"
+
+
+def user_config(directory, base, body: str):
+    path = directory / "user_config.py"
+    path.write_text(f"_base_ = ['{base.as_posix()}']\n{body}")
+    return path
+
+
+@pytest.mark.parametrize("tool", ["mmdetection's", "ours"])
+def test_a_checkpoint_hook_written_as_mmdetection_writes_it_trains_and_saves(tool, tmp_path):
+    """Our configs' checkpoint hook carries no argument MMEngine's lacks, so overriding its type keeps
+    none (it used to keep latest_interval_minutes, a TypeError at MMDetection's first save); our
+    train.py makes it a SafeCheckpointHook with the user's arguments."""
+    from hieradet_mmdet.weights.digest import verify_checkpoint
+
+    base, _ = tiny_detector_config(tmp_path, iters=ITERS, narrow=True)
+    config = user_config(tmp_path, base, MMDET_STYLE_CHECKPOINT)
+    train = mmdet_tool("train.py") if tool == "mmdetection's" else ROOT / "tools" / "train.py"
+    work = tmp_path / "work"
+    proc = run_tool(train, config, "--work-dir", work, cwd=tmp_path)
+    assert proc.returncode == 0, fail_text(proc)
+    assert (work / f"iter_{ITERS}.pth").is_file() and not (work / "iter_1.pth").exists()  # interval=2
+    assert bool(verify_checkpoint(str(work / f"iter_{ITERS}.pth"))) == (tool == "ours")  # digest: SafeCheckpointHook
+
+
+def test_our_hooks_arguments_under_mmengines_hook_are_refused_before_training(tmp_path):
+    """Where the inherited config did set one of SafeCheckpointHook's arguments, MMDetection's train.py
+    stops before the first iteration with one line saying what to write; ours trains (SafeCheckpointHook)."""
+    base, _ = tiny_detector_config(tmp_path, iters=ITERS, narrow=True, options={
+        "default_hooks.checkpoint.latest_interval_minutes": 5})
+    config = user_config(tmp_path, base, MMDET_STYLE_CHECKPOINT)
+    proc = run_tool(mmdet_tool("train.py"), config, "--work-dir", tmp_path / "mmdet", cwd=tmp_path)
+    assert proc.returncode != 0
+    line = next(line for line in proc.stderr.splitlines() if line.startswith("hieradet_mmdet.engine.checks.ConfigMergeError: "))
+    assert "latest_interval_minutes" in line and "type='SafeCheckpointHook'" in line and "_delete_=True" in line, line
+    assert "Iter(train)" not in proc.stdout + proc.stderr
+    ours = run_tool(ROOT / "tools" / "train.py", config, "--work-dir", tmp_path / "ours", cwd=tmp_path)
+    assert ours.returncode == 0, fail_text(ours)
+
+
+def test_retinanet_trains_tests_and_resumes_through_both_tools(tmp_path):
+    """RetinaNet (the single-stage config): MMDetection's train.py, then our test.py's COCO bbox AP,
+    then our train.py resuming what MMDetection's wrote, and MMDetection's test.py on the result."""
+    config, _ = tiny_detector_config(tmp_path, iters=ITERS, narrow=True, base="retinanet_hieradet_s.py")
+    work = tmp_path / "work"
+    proc = run_tool(mmdet_tool("train.py"), config, "--work-dir", work, cwd=tmp_path)
+    assert proc.returncode == 0, fail_text(proc)
+    proc = run_tool(ROOT / "tools" / "test.py", config, work / f"iter_{ITERS}.pth", "--work-dir", tmp_path / "eval")
+    assert proc.returncode == 0 and "bbox_mAP_copypaste" in proc.stdout + proc.stderr, fail_text(proc)
+    proc = run_tool(ROOT / "tools" / "train.py", config, "--work-dir", work, "--resume",
+                    "--cfg-options", f"train_cfg.max_iters={ITERS + 1}")
+    assert proc.returncode == 0, fail_text(proc)
+    assert f"Iter(train) [{ITERS + 1}/{ITERS + 1}]" in proc.stdout + proc.stderr, fail_text(proc)
+    proc = run_tool(mmdet_tool("test.py"), config, work / f"iter_{ITERS + 1}.pth", "--work-dir",
+                    tmp_path / "eval2", cwd=tmp_path)
+    assert proc.returncode == 0 and "bbox_mAP_copypaste" in proc.stdout + proc.stderr, fail_text(proc)
