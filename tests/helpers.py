@@ -319,20 +319,22 @@ def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base:
     if num_train is None:
         num_train = max(4, 2 * iters)
     from hieradet_mmdet.demo import synthetic_coco
-    from hieradet_mmdet.demo.small_run import small_run_overrides
+    from hieradet_mmdet.demo.small_run import set_num_classes, small_run_overrides
 
     data = directory / "data"
     synthetic_coco.generate(str(data), num_train=num_train, num_val=num_val, size=size, seed=1)
     cfg = load_config(base)
     with_mask = "mask" in base
     cfg.merge_from_dict(synthetic_coco.mmdet_dataset_overrides(str(data), image_size=size, with_mask=with_mask))
-    cfg.merge_from_dict(small_run_overrides(iters, batch_size=2, lr=1e-4, log_interval=1,
-                                            num_classes=len(synthetic_coco.CLASSES), rcnn_samples=64,
+    cfg.merge_from_dict(small_run_overrides(iters, batch_size=2, lr=1e-4, log_interval=1, rcnn_samples=64,
                                             proposals=100, max_dets=20, with_mask=with_mask))
+    set_num_classes(cfg.model, len(synthetic_coco.CLASSES))  # any family: R-CNN heads or RetinaNet's
     cfg.model.backbone.init_cfg = None  # offline: no published weights
     cfg.model.backbone.drop_path_rate = 0.0
     if cfg.model.get("test_cfg", {}).get("rcnn") is not None:
         cfg.model.test_cfg.rcnn.score_thr = 0.0  # an untrained model still outputs boxes -> real AP numbers
+    if "score_thr" in cfg.model.get("test_cfg", {}):
+        cfg.model.test_cfg.score_thr = 0.0  # the same for single-stage heads
     if narrow:
         from hieradet_mmdet.benchmark.cases import narrow_detector_config
 

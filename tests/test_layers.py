@@ -12,7 +12,7 @@ PACKAGE = ROOT / "hieradet_mmdet"
 # Bottom to top; a name is a top-level module or subpackage of hieradet_mmdet. Modules of one floor
 # may import each other's (engine/, detectors.py and export/ are side by side, but export/ never
 # imports engine/: checked below).
-FLOORS = [("archs", "cpu", "mmengine_adapter"), ("weights",), ("models",), ("reference",),
+FLOORS = [("archs", "cpu", "mmengine_adapter", "torch_compat"), ("weights",), ("models",), ("reference",),
           ("engine", "detectors", "export"), ("benchmark", "demo"), ("__init__",)]
 FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
 

@@ -149,7 +149,7 @@ class HieraDetCheckHook(Hook):
 
     def before_run(self, runner) -> None:
         check_detector(runner.model, warn=False)
-        problem = merged_hook_arguments(runner.hooks)
+        problem = merged_hook_arguments(getattr(runner, "hooks", []))
         if problem:
             raise ConfigMergeError(problem)
 

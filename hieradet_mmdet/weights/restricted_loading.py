@@ -39,20 +39,19 @@ def _key(item) -> tuple[str, object]:
     return f"{item.__module__}.{item.__qualname__}", item
 
 
+_REGISTERED: list = []  # what install() was given: MMEngine's types (.safe_globals)
+
+
 @functools.lru_cache(maxsize=None)
 def allowed_globals() -> dict:
-    """'module.name' -> object: torch's own weights-only allowlist, then MMEngine's types."""
+    """'module.name' -> object: torch's own weights-only allowlist, then what :func:`install` registered."""
     from torch._weights_only_unpickler import _get_allowed_globals
 
     allowed = dict(_get_allowed_globals())
     # Protocol 2 pickles (torch.save's) spell bytes, a numpy array's data, as _codecs.encode(text, 'latin1');
     # torch >= 2.4 allows it too.
     allowed["_codecs.encode"] = codecs.encode
-    try:
-        from .safe_globals import mmengine_safe_globals
-    except ImportError:  # without mmengine there are no such checkpoints to read
-        return allowed
-    allowed.update(_key(item) for item in mmengine_safe_globals())
+    allowed.update(_key(item) for item in _REGISTERED)
     return allowed
 
 
@@ -110,7 +109,10 @@ def _default_safe_load(f, map_location=None, pickle_module=None, *, weights_only
     return safe_load(f, map_location=map_location, **kwargs)
 
 
-def install() -> None:
-    """On a torch without ``add_safe_globals``: ``torch.load`` defaults to :func:`safe_load`."""
+def install(safe_globals=()) -> None:
+    """On a torch without ``add_safe_globals``: ``torch.load`` defaults to :func:`safe_load`, whose
+    allowlist also takes ``safe_globals`` (objects, or (object, 'module.name') pairs)."""
+    _REGISTERED.extend(item for item in safe_globals if item not in _REGISTERED)
+    allowed_globals.cache_clear()
     if NEEDED and torch.load is not _default_safe_load:
         torch.load = torch.serialization.load = _default_safe_load

@@ -54,4 +54,4 @@ def register_safe_globals() -> None:
     else:  # torch < 2.4: our restricted unpickler with the same allowlist
         from .restricted_loading import install
 
-        install()
+        install(mmengine_safe_globals())
