@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     from hieradet_mmdet.detectors import load_config, register_modules, set_work_dir
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
-    from hieradet_mmdet.engine.runner import build_runner, prepare_config
+    from hieradet_mmdet.engine.runner import build_runner, log_config_changes, prepare_config
     from hieradet_mmdet.weights import CheckpointError
     from hieradet_mmdet.weights.digest import check_checkpoint
     from hieradet_mmdet.weights.fit import checkpoint_mismatch
@@ -119,8 +119,10 @@ def main(argv=None) -> int:
         cfg.test_evaluator = [*evaluators, dict(type="DumpDetResults", out_file_path=args.out)]
 
     init_distributed(args.launcher)
-    prepare_config(cfg, args.launcher)
+    changes = []
+    prepare_config(cfg, args.launcher, changes=changes)
     runner = build_runner(cfg)
+    log_config_changes(changes)
     mismatch = checkpoint_mismatch(runner.model, args.checkpoint)
     if mismatch:
         if not args.allow_partial_load:

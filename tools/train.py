@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from hieradet_mmdet.engine.checkpointing import find_resumable_checkpoint
     from hieradet_mmdet.engine.distributed import finish_distributed, init_distributed
     from hieradet_mmdet.engine.finite_loss import NonFiniteLossError
-    from hieradet_mmdet.engine.runner import build_runner, prepare_config
+    from hieradet_mmdet.engine.runner import build_runner, log_config_changes, prepare_config
     from hieradet_mmdet.weights import CheckpointError
     from hieradet_mmdet.weights.digest import check_checkpoint
 
@@ -85,8 +85,10 @@ def main(argv=None) -> int:
         return 1
 
     init_distributed(args.launcher, args.dist_timeout)
-    prepare_config(cfg, args.launcher, args.dist_timeout)
+    changes = []
+    prepare_config(cfg, args.launcher, args.dist_timeout, changes=changes)
     runner = build_runner(cfg)
+    log_config_changes(changes)
     try:
         runner.train()
     except (NonFiniteLossError, CheckpointError) as err:

@@ -141,6 +141,12 @@ def generate_split(out_dir: str, split: str, num_images: int, size: int = 256, s
 def generate(out_dir: str, num_train: int = 64, num_val: int = 16, size: int = 256, seed: int = 0,
              max_shapes: int = 3) -> dict:
     """Write both splits; returns {'train': json path, 'val': json path}."""
+    return generate_splits(generate_split, out_dir, num_train, num_val, size, seed, max_shapes)
+
+
+def generate_splits(generate_split, out_dir: str, num_train: int, num_val: int, size: int, seed: int,
+                    max_shapes: int) -> dict:
+    """``generate_split`` for the train and the val split: {'train': ..., 'val': ...}."""
     if size < 32:
         raise ValueError(f"size must be at least 32 px, got {size}")
     return {split: generate_split(out_dir, split, n, size, seed, max_shapes)

@@ -134,10 +134,7 @@ def generate_split(out_dir: str, split: str, num_images: int, size: int = 256, s
 def generate(out_dir: str, num_train: int = 64, num_val: int = 16, size: int = 256, seed: int = 0,
              max_shapes: int = 3) -> dict:
     """Write both splits; returns {'train': paths, 'val': paths} (see :func:`generate_split`)."""
-    if size < 32:
-        raise ValueError(f"size must be at least 32 px, got {size}")
-    return {split: generate_split(out_dir, split, n, size, seed, max_shapes)
-            for split, n in (("train", num_train), ("val", num_val))}
+    return synthetic_coco.generate_splits(generate_split, out_dir, num_train, num_val, size, seed, max_shapes)
 
 
 def mmdet_dataset_overrides(data_root: str, image_size: Optional[int] = None) -> dict:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional
 
@@ -43,39 +44,68 @@ def enforce_safe_loading() -> None:
     allow_mmengine_types()
 
 
-def prepare_config(cfg, launcher: str = "none", dist_timeout_s: Optional[float] = None):
-    """Adapt a loaded MMDetection config to this machine and our tools (in place; returns it)."""
+def prepare_config(cfg, launcher: str = "none", dist_timeout_s: Optional[float] = None,
+                   changes: Optional[list] = None):
+    """Adapt a loaded MMDetection config to this machine and our tools (in place; returns it).
+    Each change is appended to ``changes`` as one line ("checkpoint hook: CheckpointHook ->
+    SafeCheckpointHook"), for the tools to log (:func:`log_config_changes`)."""
+    said = changes if changes is not None else []
     cfg.launcher = launcher
+    before = {key: copy.deepcopy(cfg.get(key)) for key in ("model_wrapper_cfg", "env_cfg")}
     data_parallel_config(cfg, launcher, dist_timeout_s)
+    for key, old in before.items():
+        if cfg.get(key) != old:
+            said.append(f"{key}: {_plain(old)} -> {_plain(cfg.get(key))} (data-parallel on this machine)")
     for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
         if cfg.get(key) is not None:
-            _replace_types(cfg[key], CHECKED_TYPES)
+            _replace_types(cfg[key], CHECKED_TYPES, key, said)
     for key in ("val_evaluator", "test_evaluator"):
         if cfg.get(key) is not None:
-            _replace_types(cfg[key], FAST_METRIC_TYPES)
+            _replace_types(cfg[key], FAST_METRIC_TYPES, key, said)
     wanted = ["HieraDetCheckHook", "FiniteLossHook", "CompileHook"] + (["HeartbeatHook"] if launcher != "none" else [])
     hooks = list(cfg.get("custom_hooks") or [])
     present = {h.get("type") for h in hooks}
-    cfg.custom_hooks = hooks + [dict(type=t) for t in wanted if t not in present]
+    added = [t for t in wanted if t not in present]
+    cfg.custom_hooks = hooks + [dict(type=t) for t in added]
+    if added:
+        said.append(f"custom_hooks: + {', '.join(added)}")
     train_cfg = cfg.get("train_cfg")
     if train_cfg is not None and train_cfg.get("type") in RESUMABLE_LOOP_TYPES:
-        train_cfg["type"] = RESUMABLE_LOOP_TYPES[train_cfg["type"]]
+        _set_type(train_cfg, RESUMABLE_LOOP_TYPES, "train loop", said)
     checkpoint = (cfg.get("default_hooks") or {}).get("checkpoint")
     if checkpoint is not None and checkpoint.get("type") in ("CheckpointHook", "mmengine.CheckpointHook"):
-        checkpoint["type"] = "SafeCheckpointHook"
+        _set_type(checkpoint, {checkpoint["type"]: "SafeCheckpointHook"}, "checkpoint hook", said)
     return cfg
 
 
-def _replace_types(node, mapping: dict) -> None:
+def log_config_changes(changes: list) -> None:
+    """One line in the run's log (console and file) for every change :func:`prepare_config` made."""
+    from mmengine.logging import print_log
+
+    for line in changes:
+        print_log(f"config change: {line}", logger="current")
+
+
+def _plain(value):
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def _set_type(node: dict, mapping: dict, where: str, said: list) -> None:
+    old = node["type"]
+    node["type"] = mapping[old]
+    said.append(f"{where}: {old} -> {node['type']}")
+
+
+def _replace_types(node, mapping: dict, where: str, said: list) -> None:
     """Replace registered ``type`` names throughout a config subtree (in place)."""
     if isinstance(node, dict):
         if node.get("type") in mapping:
-            node["type"] = mapping[node["type"]]
-        for value in node.values():
-            _replace_types(value, mapping)
+            _set_type(node, mapping, where, said)
+        for key, value in node.items():
+            _replace_types(value, mapping, f"{where}.{key}", said)
     elif isinstance(node, (list, tuple)):
-        for value in node:
-            _replace_types(value, mapping)
+        for i, value in enumerate(node):
+            _replace_types(value, mapping, f"{where}[{i}]", said)
 
 
 def build_runner(cfg):

@@ -53,11 +53,19 @@ def test_prepare_config_for_cpu_data_parallel(monkeypatch):
                                                                     dict(type="PackDetInputs")])),
                       model_wrapper_cfg=dict(type="MMDistributedDataParallel", device_ids=[0],
                                              find_unused_parameters=True)))
-    prepare_config(cfg, "pytorch")
+    changes = []
+    prepare_config(cfg, "pytorch", changes=changes)
     assert cfg.launcher == "pytorch"
     assert cfg.model_wrapper_cfg.device_ids is None and cfg.model_wrapper_cfg.find_unused_parameters
     assert cfg.env_cfg.dist_cfg.backend == "gloo"
     assert cfg.train_dataloader.dataset.pipeline[0].type == "CheckedLoadImageFromFile"
+    assert changes == [
+        "model_wrapper_cfg: {'type': 'MMDistributedDataParallel', 'device_ids': [0], 'find_unused_parameters': True} -> "
+        "{'type': 'MMDistributedDataParallel', 'device_ids': None, 'find_unused_parameters': True} "
+        "(data-parallel on this machine)",
+        "env_cfg: None -> {'dist_cfg': {'backend': 'gloo'}} (data-parallel on this machine)",
+        "train_dataloader.dataset.pipeline[0]: LoadImageFromFile -> CheckedLoadImageFromFile",
+        "custom_hooks: + HieraDetCheckHook, FiniteLossHook, CompileHook, HeartbeatHook"]
     plain = prepare_config(Config(dict()), "none")
     assert plain.launcher == "none" and "model_wrapper_cfg" not in plain
 
@@ -80,3 +88,26 @@ def test_init_and_finish_distributed_on_cpu(monkeypatch):
         finish_distributed()
     assert not dist.is_initialized()
     finish_distributed()  # and a no-op without a group
+
+
+def test_every_change_to_a_users_config_is_one_line():
+    from mmengine.config import Config
+
+    from hieradet_mmdet.engine.runner import prepare_config
+
+    cfg = Config(dict(train_cfg=dict(type="IterBasedTrainLoop", max_iters=4),
+                      default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=2)),
+                      val_dataloader=dict(dataset=dict(type="CocoDataset", pipeline=[dict(type="mmdet.LoadImageFromFile")])),
+                      val_evaluator=dict(type="CocoMetric", metric="bbox"),
+                      custom_hooks=[dict(type="FiniteLossHook")]))
+    changes = []
+    prepare_config(cfg, "none", changes=changes)
+    assert changes == ["val_dataloader.dataset: CocoDataset -> CheckedCocoDataset",
+                       "val_dataloader.dataset.pipeline[0]: mmdet.LoadImageFromFile -> CheckedLoadImageFromFile",
+                       "val_evaluator: CocoMetric -> FastCocoMetric",
+                       "custom_hooks: + HieraDetCheckHook, CompileHook",
+                       "train loop: IterBasedTrainLoop -> ResumableIterBasedTrainLoop",
+                       "checkpoint hook: CheckpointHook -> SafeCheckpointHook"]
+    again = []
+    prepare_config(cfg, "none", changes=again)
+    assert again == []  # a prepared config needs nothing more

@@ -38,6 +38,8 @@ def trained(tiny, tmp_path_factory):
 
 
 def test_train_writes_a_checkpoint_with_optimizer_and_scheduler_state(trained):
+    log = next(trained.glob("*/*.log")).read_text()  # MMEngine's log file of the run
+    assert "config change: train_dataloader.dataset.pipeline[0]: LoadImageFromFile -> CheckedLoadImageFromFile" in log
     ckpt_path = trained / f"iter_{ITERS}.pth"
     assert ckpt_path.is_file(), sorted(os.listdir(trained))
     assert (trained / "last_checkpoint").read_text().strip().endswith(f"iter_{ITERS}.pth")
