@@ -177,17 +177,8 @@ def mmdet_dataset_overrides(data_root: str, with_mask: bool = True, image_size: 
         return dict(type="FastCocoMetric", ann_file=f"{data_root}annotations/instances_val.json", metric=metrics,
                     format_only=False)
 
-    train_pipeline = test_pipeline = None
-    if image_size is not None:
-        scale = (int(image_size), int(image_size))
-        annotations = dict(type="LoadAnnotations", with_bbox=True, with_mask=with_mask)
-        train_pipeline = [dict(type="LoadImageFromFile"), annotations,
-                          dict(type="Resize", scale=scale, keep_ratio=True),
-                          dict(type="RandomFlip", prob=0.5), dict(type="PackDetInputs")]
-        test_pipeline = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=scale, keep_ratio=True),
-                         annotations,
-                         dict(type="PackDetInputs",
-                              meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor"))]
+    train_pipeline, test_pipeline = resized_pipelines(
+        image_size, dict(type="LoadAnnotations", with_bbox=True, with_mask=with_mask))
     return {
         "train_dataloader.dataset": dataset("train", train_pipeline),
         "val_dataloader.dataset": dataset("val", test_pipeline),
@@ -195,3 +186,16 @@ def mmdet_dataset_overrides(data_root: str, with_mask: bool = True, image_size: 
         "val_evaluator": evaluator(),
         "test_evaluator": evaluator(),
     }
+
+
+def resized_pipelines(image_size: Optional[int], annotations: dict) -> tuple:
+    """(train, test) pipelines that load ``annotations`` and resize to ``image_size`` (the train one
+    also flips); (None, None) without a size, to keep the config's own."""
+    if image_size is None:
+        return None, None
+    scale = (int(image_size), int(image_size))
+    train = [dict(type="LoadImageFromFile"), annotations, dict(type="Resize", scale=scale, keep_ratio=True),
+             dict(type="RandomFlip", prob=0.5), dict(type="PackDetInputs")]
+    test = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=scale, keep_ratio=True), dict(annotations),
+            dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor"))]
+    return train, test

@@ -158,17 +158,8 @@ def mmdet_dataset_overrides(data_root: str, image_size: Optional[int] = None) ->
                        seg_prefix=f"{data_root}annotations/panoptic_val/", nproc=1),
                   dict(type="FastCocoMetric", ann_file=f"{data_root}annotations/instances_val.json",
                        metric=["bbox", "segm"])]
-    train_pipeline = test_pipeline = None
-    if image_size is not None:
-        scale = (int(image_size), int(image_size))
-        annotations = dict(type="LoadPanopticAnnotations", with_bbox=True, with_mask=True, with_seg=True)
-        train_pipeline = [dict(type="LoadImageFromFile"), annotations,
-                          dict(type="Resize", scale=scale, keep_ratio=True), dict(type="RandomFlip", prob=0.5),
-                          dict(type="PackDetInputs")]
-        test_pipeline = [dict(type="LoadImageFromFile"), dict(type="Resize", scale=scale, keep_ratio=True),
-                         annotations,
-                         dict(type="PackDetInputs",
-                              meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor"))]
+    train_pipeline, test_pipeline = synthetic_coco.resized_pipelines(
+        image_size, dict(type="LoadPanopticAnnotations", with_bbox=True, with_mask=True, with_seg=True))
     return {
         "train_dataloader.dataset": dataset("train", train_pipeline),
         "val_dataloader.dataset": dataset("val", test_pipeline),
