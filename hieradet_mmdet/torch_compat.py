@@ -34,6 +34,24 @@ def compiler_is_compiling() -> bool:
     return is_compiling()
 
 
+class SeededGenerator(torch.Generator):
+    """A CPU ``torch.Generator`` that ``copy.deepcopy`` copies with its state: MMEngine deep-copies
+    dataloader configs, and torch 2.1's Generator cannot be copied (``cannot pickle 'torch._C.Generator'``)."""
+
+    def __new__(cls, seed: int = 0) -> "SeededGenerator":
+        generator = super().__new__(cls, "cpu")  # torch.Generator's one argument is the device
+        generator.manual_seed(seed)
+        return generator
+
+    def __init__(self, seed: int = 0) -> None:  # all done in __new__
+        pass
+
+    def __deepcopy__(self, memo: dict) -> "SeededGenerator":
+        copied = type(self)()
+        copied.set_state(self.get_state())
+        return copied
+
+
 # What ONNX export and torch.export programs (hieradet_mmdet.export) use, with the torch that added it.
 EXPORT_APIS = (("torch.library.custom_op", "2.4"), ("torch.onnx.export(dynamo=...)", "2.5"),
                ("torch.export.Dim.AUTO", "2.6"))

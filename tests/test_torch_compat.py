@@ -19,6 +19,17 @@ def test_cpu_autocast_dtype_is_what_autocast_casts_to():
         assert torch_compat.cpu_autocast_dtype() is None
 
 
+def test_seeded_generator_deep_copies_with_its_state():
+    import copy
+
+    generator = torch_compat.SeededGenerator(7)
+    torch.rand(3, generator=generator)
+    copied = copy.deepcopy(dict(generator=generator))["generator"]  # as MMEngine copies a dataloader config
+    assert torch.equal(torch.rand(4, generator=copied), torch.rand(4, generator=generator))
+    assert torch.equal(torch.rand(2, generator=torch_compat.SeededGenerator(7)),
+                       torch.rand(2, generator=torch.Generator().manual_seed(7)))
+
+
 def test_compiling_is_seen_by_the_model():
     from hieradet_mmdet.models.hieradet import is_exporting
 

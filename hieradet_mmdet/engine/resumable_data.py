@@ -35,6 +35,7 @@ from mmengine.logging import print_log
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from .. import mmengine_adapter as mmengine_api
+from ..torch_compat import SeededGenerator
 
 REMEMBERED_BATCHES = 512  # states kept for batches handed out ahead of training (prefetching)
 
@@ -265,5 +266,5 @@ def resumable_dataloader_config(dataloader_cfg: dict, seed: Optional[int], rank:
         cfg["batch_sampler"] = batch_sampler
     # The DataLoader draws its workers' base seed from here, not from torch's global generator, which
     # is the model's alone (samples are seeded one by one above).
-    cfg["generator"] = torch.Generator().manual_seed(seed or 0)
+    cfg["generator"] = SeededGenerator(seed or 0)
     return cfg
