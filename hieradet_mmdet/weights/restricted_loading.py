@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import collections
 import functools
 import os
 import pickle
@@ -51,6 +52,8 @@ def allowed_globals() -> dict:
     # Protocol 2 pickles (torch.save's) spell bytes, a numpy array's data, as _codecs.encode(text, 'latin1');
     # torch >= 2.4 allows it too.
     allowed["_codecs.encode"] = codecs.encode
+    # MMEngine's checkpoints hold a collections.Counter (its message hub); torch >= 2.4 allows it too.
+    allowed["collections.Counter"] = collections.Counter
     allowed.update(_key(item) for item in _REGISTERED)
     return allowed
 
