@@ -42,7 +42,7 @@ def test_pinned_versions():
     import mmengine
 
     assert (mmcv.__version__, mmdet.__version__, mmengine.__version__) == ("2.1.0", "3.3.0", "0.10.7")
-    assert torch.__version__.split("+")[0] == "2.14.1"
+    assert torch.__version__.split("+")[0] == "2.15.0"
     major, minor = (int(x) for x in version("setuptools").split(".")[:2])
     assert 77 <= major < 81, "mmcv and mmengine's mmdet:: config lookup import pkg_resources (gone in 81)"
     import pkg_resources  # noqa: F401
