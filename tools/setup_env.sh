@@ -132,6 +132,9 @@ if ! mmcv_ops_work; then
             # Python's own flags without -g: with debug info for torch's headers the library is 74 MB
             # instead of 2 MB and slower to compile and link, and no one reads it.
             export CFLAGS="-DNDEBUG -O3 -g0 -fwrapv -Wno-unused-result"
+            if [ "$MMCV_OPS" = cpu ]; then  # torch's headers parsed once instead of per source (the wrapper says how)
+                export MMCV_REAL_CXX="${CXX:-c++}" CXX="$ROOT/tools/mmcv_pch_cxx.sh" CFLAGS="$CFLAGS -Winvalid-pch"
+            fi
             if [ "$MMCV_OPS" = cuda ]; then  # for the GPUs present unless TORCH_CUDA_ARCH_LIST was set
                 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST CUDA_HOME="$MMCV_CUDA_HOME"
                 [ -z "$MMCV_CPATH" ] || export CPATH="$MMCV_CPATH${CPATH:+:$CPATH}"
