@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
 # `make test CPU=avx2`: the tests whose outcome depends on the processor's instructions (precision,
-# fused oneDNN kernels, the fast path, bf16 autocast, benchmarks, the GPU check's dry run) on an
+# fused oneDNN kernels, the fast path, bf16 autocast, the benchmark and its checks) on an
 # emulated AVX2-only CPU: ATen's and oneDNN's kernels capped at AVX2 (no AVX-512, no AMX, no bf16).
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 CPU_BOUND_TESTS := tests/models tests/export/test_backbone_export.py tests/weights tests/engine/test_amp.py \

@@ -19,7 +19,7 @@ says what to install.
     engine/              MMEngine / MMDetection integration (training)
     detectors.py         configs and the detectors built from them, for the tools, export and tests
     export/              ONNX and torch.export programs, and running them without MMDetection
-    benchmark/           the one timing and reporting harness: benchmark, GPU device check, ONNX
+    benchmark/           the one timing and reporting harness: the benchmark (CPU or GPU), ONNX
     demo/                the demo: its dataset, short training runs, feature pictures, fault injection
 
 Each imports only from the lines above it (engine/, detectors.py and export/ side by side; export/

@@ -2,15 +2,13 @@
 synchronisation, autocast by dtype name, true fp32; and birder, the reference implementation of
 HieraDet, with seeded, perturbed weights, alone or paired with ours.
 
-Used by the tests, the benchmark harness (``hieradet_mmdet.benchmark``, the GPU device check
-included) and the export checks. birder is imported only when asked for.
+Used by the tests, the benchmark (``hieradet_mmdet.benchmark``, its ``--checks`` included) and
+the export checks. birder is imported only when asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-import types
 
 import numpy as np
 import torch
@@ -78,33 +76,8 @@ def strict_fp32():
 
 # ---- birder, the reference --------------------------------------------------------------------
 
-class _Unavailable:
-    """What a stand-in module hands out: fine as an annotation, an error when used."""
-
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError("polars is not installed here (it is stood in for only so that birder imports; "
-                           "nothing here makes birder's result tables)")
-
-
-def _stand_in_module(name: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-
-    def __getattr__(attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return _Unavailable
-
-    module.__getattr__ = __getattr__
-    return module
-
-
 def birder_registry():
-    """birder's model registry. birder imports polars for its result tables at import time; a
-    bare GPU machine has no polars (a 54 MB wheel), so an absent polars is replaced by a stand-in."""
-    try:
-        import polars  # noqa: F401
-    except ImportError:
-        sys.modules["polars"] = _stand_in_module("polars")
+    """birder's model registry (birder imports only when asked for)."""
     from birder.model_registry import registry
 
     return registry

@@ -71,7 +71,7 @@ def make_detector(family: str, directory: Path, data_root: Path) -> tuple[Path, 
     with_mask = "mask" in family
     cfg.merge_from_dict(synthetic_coco.mmdet_dataset_overrides(str(data_root), with_mask=with_mask, image_size=SIZE))
     if "decoder" in cfg.model:  # query-based
-        from hieradet_mmdet.benchmark.cases import narrow_detector_config
+        from narrow_configs import narrow_detector_config
 
         narrow_detector_config(cfg)
         cfg.merge_from_dict(overrides)

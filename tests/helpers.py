@@ -336,7 +336,7 @@ def tiny_detector_config(directory: Path, iters: int = 2, size: int = 128, base:
     if "score_thr" in cfg.model.get("test_cfg", {}):
         cfg.model.test_cfg.score_thr = 0.0  # the same for single-stage heads
     if narrow:
-        from hieradet_mmdet.benchmark.cases import narrow_detector_config
+        from narrow_configs import narrow_detector_config
 
         narrow_detector_config(cfg)
     if options:
@@ -380,7 +380,7 @@ def tiny_any_config(directory: Path, name: str, with_mask: bool, size: int = 96)
     ``size`` px, narrow, with its own loop type: one epoch of two batches (or two iterations),
     validated and checkpointed at the end; images padded to ``size`` where the config pads to a
     fixed size. Panoptic configs get the synthetic COCO-panoptic set (3 thing, 2 stuff classes)."""
-    from hieradet_mmdet.benchmark.cases import narrow_detector_config
+    from narrow_configs import narrow_detector_config
     from hieradet_mmdet.demo import synthetic_coco, synthetic_panoptic
     from hieradet_mmdet.demo.small_run import set_num_classes
 

@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """How to build mmcv's ops here: for CPU, or with CUDA for the GPUs this machine has.
 
-    python tools/mmcv_build.py          # prints shell assignments; tools/setup_env.sh and
-                                        # tools/device_check.sh `eval` them
+    python tools/mmcv_build.py          # prints shell assignments; tools/setup_env.sh `eval`s them
 
 CUDA ops are built when torch sees a GPU and a CUDA compiler (nvcc) is there, or with
 ``FORCE_CUDA=1`` (mmcv's switch, for building on a machine without a GPU: then

@@ -1,17 +1,14 @@
 """One timing and reporting harness for every measurement here: the benchmark
-(``tools/benchmark.py``), the GPU device check (``tools/device_check.sh``, a profile of the same
-harness) and the ONNX benchmark (``tools/onnx_benchmark.py``).
+(``tools/benchmark.py``, on the CPU or a GPU) and the ONNX benchmark (``tools/onnx_benchmark.py``).
 
     timing          the timing loop: CUDA events on a GPU, the host clock on the CPU; warm-up,
                     steps taking turns (paired models, interleaved rounds)
     memory          peak memory of a region (CUDA allocator statistics, or the resident set)
     flops           FLOPs of one step (torch's counter, plus flash attention and fused linears)
     cases           the benchmark's models and steps, running a case or models paired
+    parity          its --checks: correctness on the device against birder
     report          tables as text or Markdown, JSON files, comparisons, the machine
     cli             the benchmark's command line (``python -m hieradet_mmdet.benchmark``)
-    device_check    the GPU check: its profiles (GPU, dry run), parts and report
-    parity          the device check's correctness checks against birder
-    detector_steps  the device check's Mask R-CNN steps (and its wait for the mmcv build)
     onnx_cases      onnxruntime against eager PyTorch
     coco_results    a generated COCO-val-sized ground truth and result set
     coco_eval       seconds of COCO bbox / segm evaluation, pycocotools against the faster backends

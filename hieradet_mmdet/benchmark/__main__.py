@@ -1,6 +1,8 @@
 """``python -m hieradet_mmdet.benchmark``: tools/benchmark.py's command line (also how it runs a
 case in a process of its own)."""
 
+import sys
+
 from .cli import main
 
-main()
+sys.exit(1 if (main() or {}).get("checks_failed") else 0)

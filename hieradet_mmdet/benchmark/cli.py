@@ -23,11 +23,21 @@ mask2former (Mask2Former, instance): configs/ for our models, MMDetection's conf
 r50 (DINO with Swin-T: MMDetection's R-50 DINO with the Swin-T backbone, strides 8-32).
 
 Models: hieradet_small / hieradet_d_small (this repo; windowed SAM2 layout / global layout),
-birder_small / birder_d_small (birder's own HieraDet-S; backbone modes only; needs birder),
+hieradet_small_reference / hieradet_d_small_reference (the same, forced onto the reference path:
+the table then says which path to run on --device), birder_small / birder_d_small (birder's own
+HieraDet-S; backbone modes only; needs birder),
 swin_t and r50 (MMDetection's SwinTransformer and ResNet-50, Mask R-CNN as in their configs).
 HieraDet models get birder's weights when birder is importable (same seed as the birder rows),
 so 'parity' is the max relative error of our outputs against birder's with the same weights;
 bf16 rows also give the error against the same model in fp32 ('err_vs_fp32').
+
+--checks first checks correctness on --device, for the archs of the HieraDet --models: ours
+against birder with the same weights, outputs and gradients in float64 (1e-10 / 1e-9) and in fp32
+against birder's float64 (within 4x birder's own fp32 error + 1e-6), bf16 and fp16 autocast
+against fp32 next to birder's same error, with_cp gradients (stochastic depth on) against the same
+step without it, and the fast path's plumbing there (hieradet_mmdet.benchmark.parity); the exit
+status is 1 when one fails. first_step_ms: a case's first step, in a process that has not seen
+its size (the per-size index plan, first allocations).
 
 FLOPs come from torch.utils.flop_counter.FlopCounterMode over one step (matmuls, convolutions
 and attention, forward and backward; a multiply-add is two FLOPs); custom ops (mmcv RoIAlign,
@@ -38,6 +48,12 @@ Examples (the figures in docs/benchmarks.md):
       --dtype fp32 bf16 --sizes 800x1344 --threads 2 --iters 10 --rounds 3 --out work_dirs/bench.json
   .venv/bin/python tools/benchmark.py --models hieradet_small --mode backbone-train --sizes 512x512 \\
       --batch 2 --with-cp both --threads 2 --iters 3 --malloc exact
+On a GPU (docs/benchmarks.md), checks, then times and memory of both paths, birder and with_cp:
+  python tools/benchmark.py --device cuda --checks --models hieradet_small hieradet_small_reference \\
+      birder_small --mode backbone backbone-train --dtype bf16 fp32 --sizes 1024x1024 --batch 8 \\
+      --with-cp both --rounds 2 --out work_dirs/gpu.json
+  python tools/benchmark.py --device cuda --models hieradet_small swin_t --mode detector-train \\
+      --dtype bf16 --sizes 1024x1024 --batch 8 --out work_dirs/gpu_detector.json
 """
 
 from __future__ import annotations
@@ -54,8 +70,8 @@ from typing import Any, Optional
 
 from .cases import DETECTORS, DTYPES, MODELS, MODES, REPO, loadavg, run_case, run_paired
 from .memory import EXACT_MALLOC_ENV
-from .report import (amp_choice, comparisons, gemm_gflops, machine_info, merge_rounds, print_table, summarize_times,
-                     write_json)
+from .report import (amp_choice, comparisons, gemm_gflops, machine_info, markdown_table, merge_rounds, print_table,
+                     summarize_times, text_table, write_json)
 
 RESULT_TAG = "BENCHMARK_RESULT "
 
@@ -135,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=("backbone-infer", "backbone-train", "detector-infer", "detector-train"),
                         default=["backbone-infer", "backbone-train", "detector-infer", "detector-train"],
                         help="with --compile: which of backbone-infer, backbone-train, detector-infer, detector-train")
+    parser.add_argument("--checks", action="store_true",
+                        help="first check correctness on --device (see above); exit status 1 if a check fails")
+    parser.add_argument("--check-size", type=_parse_size, default=(512, 768), metavar="HxW",
+                        help="--checks: input size (batch: --batch)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--from-json", nargs="+", type=Path, metavar="JSON",
@@ -181,6 +201,24 @@ def run_isolated(cases: list[dict[str, Any]], paired: bool, timeout: float) -> l
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
     reason = f"case process exited with {proc.returncode}: " + " | ".join(tail)
     return [dict(case, status="error", reason=reason) for case in cases]
+
+
+def run_checks(args) -> list[dict[str, Any]]:
+    """--checks: the correctness checks on --device, printed as a table before anything is timed."""
+    import torch
+
+    from .parity import checks_table, run_checks as check
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    archs = sorted({MODELS[m]["arch"] for m in args.models if m.startswith("hieradet_")}) or ["small", "d_small"]
+    rows = check(archs, args.device, (args.batch, 3, *args.check_size))
+    print(f"checks on {args.device}, input {args.batch}x3x{args.check_size[0]}x{args.check_size[1]}:")
+    for line in (markdown_table if args.markdown else text_table)(["check", "arch", "value", "bound", "ok"],
+                                                                   checks_table(rows)):
+        print(line)
+    print(flush=True)
+    return rows
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -237,6 +275,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     cases = make_cases(args)
     if args.malloc == "exact" and not args.isolate:
         raise SystemExit("--malloc exact needs isolated cases (glibc reads it at process start); drop --no-isolate")
+    checks = run_checks(args) if args.checks else None
     load_before = loadavg()
     per_case: list[list[dict[str, Any]]] = [[] for _ in cases]
     groups: dict[tuple, list[int]] = {}
@@ -264,8 +303,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     load_after = loadavg()
     machine = machine_info(args.device)
     gemm = machine["gemm_gflops"] = gemm_gflops(args.device, args.threads)
-    if args.device == "cpu":
-        machine["amp"] = amp_choice()
+    machine["amp"] = amp_choice(args.device)
     results = [merge_rounds(r) for r in per_case]
     for r in results:
         summarize_times(r, gemm)
@@ -274,11 +312,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                   machine=machine, threads=args.threads, device=args.device,
                   malloc=args.malloc, load_before=load_before, load_after=load_after, rounds=args.rounds,
                   results=results, comparisons=comparisons(results))
+    if checks is not None:
+        report["checks"] = checks
+        report["checks_failed"] = sum(not r["ok"] for r in checks)
     print_table(results, markdown=args.markdown)
     print(f"\nload average before/after: {load_before} / {report['load_after']}; threads {args.threads}; "
-          f"malloc {args.malloc}; {report['machine']['cpu']}; linear GFLOP/s fp32 {gemm['fp32']} / bf16 {gemm['bf16']}")
-    if "amp" in machine:
-        print(f"bf16 here: {machine['amp']}")
+          f"malloc {args.malloc}; {machine['cpu']}{'; ' + machine['gpu'] if 'gpu' in machine else ''}; "
+          f"linear GFLOP/s fp32 {gemm['fp32']} / bf16 {gemm['bf16']}")
+    print(machine["amp"])
+    if checks is not None:
+        print(f"checks on {args.device}: {len(checks) - report['checks_failed']} of {len(checks)} passed")
     for line in report["comparisons"]:
         print(line)
     if args.out:

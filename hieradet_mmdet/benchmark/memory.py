@@ -14,8 +14,6 @@ import threading
 import time
 from typing import Optional
 
-GIB = 2 ** 30
-
 
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:

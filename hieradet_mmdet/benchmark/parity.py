@@ -1,6 +1,6 @@
-"""The device check's correctness checks: HieraDet-S against birder with the same weights on the
-device at hand, in float64 and fp32, under bf16 / fp16 autocast, with activation checkpointing,
-and the fast path's plumbing there. Every check gives a row with its value, bound and ok."""
+"""The benchmark's correctness checks (``--checks``): HieraDet-S against birder with the same
+weights on the device at hand, in float64 and fp32, under bf16 / fp16 autocast, with activation
+checkpointing, and the fast path's plumbing there. Every check gives a row with its value, bound and ok."""
 
 from __future__ import annotations
 
@@ -40,22 +40,32 @@ def outputs_and_grads(forward, params: dict, x: torch.Tensor, dtype: str = "fp32
     return [o.detach() for o in outs], dict(zip(["input", *params], grads))
 
 
-def part_checks(ctx) -> dict:
-    """Correctness on the device; every row has a bound and ok."""
+def run_checks(archs, device: str, shape: tuple) -> list[dict]:
+    """Every check on ``device`` for each of ``archs``, with inputs of ``shape`` (B, C, H, W)."""
+    import gc
+
     rows = []
-    dev, shape = ctx.device, ctx.profile.check_shape
-    for arch in ctx.profile.archs:
-        ctx.need("checks")
+    for arch in archs:
         ours, ref = make_pair(arch, shape[2:])
-        ours, ref = ours.to(dev), ref.to(dev)
-        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dev)
+        ours, ref = ours.to(device), ref.to(device)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(device)
         rows += check_parity(arch, ours, ref, x)
         rows += check_autocast(arch, ours, ref, x)
         rows += check_with_cp(arch, ours, x)
         rows += check_plumbing(arch, ours, x)
-        del ours, ref
-        ctx.free()
-    return {"rows": rows, "all_ok": all(r["ok"] for r in rows)}
+        del ours, ref, x
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def checks_table(rows: list[dict]) -> list[str]:
+    """The checks as table cells: check, arch, value (birder's beside it), bound, ok."""
+    from .report import fmt
+
+    return [[r["name"], r["arch"], fmt(r["value"]) + (f" (birder {fmt(r['birder'])})" if "birder" in r else ""),
+             fmt(r["bound"]), "yes" if r["ok"] else "NO"] for r in rows]
 
 
 def _row(name, arch, value, bound, ok, **extra) -> dict:

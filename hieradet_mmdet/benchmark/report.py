@@ -116,6 +116,15 @@ def comparisons(results: list[dict[str, Any]]) -> list[str]:
                 if dtype != "fp32" and ours and ref32:
                     lines.append(f"backbone {tag} {arch} ours {dtype} vs birder fp32: "
                                  f"{ref32['median_ms'] / ours['median_ms']:.3f}x")
+                for mode in ("backbone", "backbone-train"):
+                    fast = _find(results, model=f"hieradet_{arch}", mode=mode, dtype=dtype, size=s, with_cp=False)
+                    slow = _find(results, model=f"hieradet_{arch}_reference", mode=mode, dtype=dtype, size=s,
+                                 with_cp=False)
+                    if fast and slow:
+                        lines.append(_path_choice(f"{mode} {tag} {arch} {dtype}", fast, slow))
+                if ours and "first_step_ms" in ours:
+                    lines.append(f"backbone {tag} {arch} {dtype}: first step at this size {ours['first_step_ms']:.0f} ms "
+                                 f"(its index plan, first allocations), then {ours['median_ms']:.0f} ms")
         for name in ("hieradet_small", "hieradet_d_small"):
             off = _find(results, model=name, mode="backbone-train", dtype="fp32", size=s, with_cp=False)
             on = _find(results, model=name, mode="backbone-train", dtype="fp32", size=s, with_cp=True)
@@ -137,6 +146,18 @@ def comparisons(results: list[dict[str, Any]]) -> list[str]:
                     lines.append(f"{mode} {tag} {name}: bf16 runs {ours32['median_ms'] / ours16['median_ms']:.2f}x "
                                  "as fast as fp32")
     return lines
+
+
+def _path_choice(what: str, fast: dict[str, Any], reference: dict[str, Any]) -> str:
+    """Which path of the trunk to run on the device the two rows were measured on."""
+    from hieradet_mmdet.models.hieradet import FAST_PATH_DEVICES
+
+    device = fast["device"]
+    ratio = reference["median_ms"] / fast["median_ms"]
+    use = "fast_path=True" if ratio > 1 else "fast_path=False"
+    default = "fast" if device in FAST_PATH_DEVICES else "reference"
+    return (f"{what}: reference path / fast path = {ratio:.3f}x -> on {device} use {use} "
+            f"(the default here is the {default} path)")
 
 
 def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
@@ -227,24 +248,41 @@ def cpu_flags() -> Optional[list[str]]:
 
 
 def machine_info(device: str) -> dict[str, Any]:
+    import datetime
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
-    info = dict(cpu=cpu_name(), cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
-                mkldnn=torch.backends.mkldnn.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability())
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                cpu=cpu_name(), cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+                mkldnn=torch.backends.mkldnn.is_available(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                packages={name: installed(name) for name in ("birder", "mmengine", "mmcv", "mmdet", "numpy")})
     flags = cpu_flags()
     if flags is not None:
         info["cpu_bf16_flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
     if device == "cuda" and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1), torch_cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(),
+                    tf32=dict(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32))
     return info
 
 
-def amp_choice() -> str:
-    """What ``tools/train.py --amp`` does on this CPU and why (bf16 rows of the table run bf16
+def amp_choice(device: str) -> str:
+    """What ``tools/train.py --amp`` does on this machine and why (bf16 rows of the table run bf16
     autocast whatever the choice, so that both can be compared)."""
-    from hieradet_mmdet.engine.amp import cpu_mixed_precision
+    import torch
 
-    return "--amp on CPU: " + cpu_mixed_precision()[1]
+    from hieradet_mmdet.engine.amp import choose_mixed_precision
+
+    return choose_mixed_precision("auto", device == "cuda" and torch.cuda.is_available())[1]
 
 
 def gemm_gflops(device: str, threads: int, tokens: int = 8192, dim: int = 384, hidden: int = 1536,

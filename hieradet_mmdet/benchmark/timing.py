@@ -4,7 +4,6 @@ hits them alike."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -50,22 +49,14 @@ def warm_up(step: Callable[[], Any], n: int, device: str) -> None:
     sync(device)
 
 
-def interleaved(steps: Mapping[str, Callable[[], Any]], iters: int, device: str, rounds: int = 1, warmup: int = 0,
-                before: Optional[Callable[[str, int], Any]] = None,
-                around: Optional[Callable[[str, int], Any]] = None,
+def interleaved(steps: Mapping[str, Callable[[], Any]], iters: int, device: str, rounds: int = 1,
                 after_each: Optional[Callable[[str], Any]] = None) -> dict[str, list[list[float]]]:
-    """Milliseconds of ``rounds`` rounds in which every step, one after the other, makes ``warmup``
-    untimed calls and ``iters`` timed ones: name -> one list per round. ``iters=1`` with many
-    rounds makes them take turns call by call (A B C A B C ...); larger ``iters``, in blocks.
-    Per step and round: ``before(name, round)`` runs before the warm-up, ``around(name, round)`` is
-    a context entered around the timed calls, ``after_each(name)`` runs after each of them."""
+    """Milliseconds of ``rounds`` rounds in which every step, one after the other, makes ``iters``
+    timed calls: name -> one list per round. ``iters=1`` with many rounds makes them take turns
+    call by call (A B C A B C ...). ``after_each(name)`` runs after each call, untimed."""
     times: dict[str, list[list[float]]] = {name: [] for name in steps}
-    for rnd in range(rounds):
+    for _ in range(rounds):
         for name, step in steps.items():
-            if before is not None:
-                before(name, rnd)
-            warm_up(step, warmup, device)
             each = (lambda name=name: after_each(name)) if after_each is not None else None
-            with around(name, rnd) if around is not None else contextlib.nullcontext():
-                times[name].append(time_steps(step, iters, device, each))
+            times[name].append(time_steps(step, iters, device, each))
     return times

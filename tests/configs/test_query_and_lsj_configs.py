@@ -153,7 +153,7 @@ def test_panoptic_mask2former_trains_and_predicts_panoptic_segments():
     to end: test_panoptic_config.py."""
     from mmengine.optim import build_optim_wrapper
 
-    from hieradet_mmdet.benchmark.cases import narrow_detector_config
+    from narrow_configs import narrow_detector_config
 
     cfg = narrow_detector_config(load_config(PANOPTIC))
     head = cfg.model.panoptic_head

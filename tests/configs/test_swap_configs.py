@@ -21,7 +21,7 @@ def test_swap_config_trains_and_predicts(name):
     cfg = load_config(name)
     assert cfg.model.type == detector
     if cfg.model.get("encoder") is not None:  # two-stage DETR: 300 queries need more tokens than small images have
-        from hieradet_mmdet.benchmark.cases import narrow_detector_config
+        from narrow_configs import narrow_detector_config
 
         narrow_detector_config(cfg)
     model = random_detector(cfg)
@@ -85,7 +85,7 @@ def test_five_step_swap_into_mmdetections_query_based_configs(base, tmp_path):
     DINO, Deformable DETR and Mask2Former configs (narrow, for a train step and a prediction)."""
     from mmengine.config import Config
 
-    from hieradet_mmdet.benchmark.cases import narrow_detector_config
+    from narrow_configs import narrow_detector_config
     from hieradet_mmdet.engine.checks import check_detector
 
     indices, takes, with_mask = QUERY_BASED[base]

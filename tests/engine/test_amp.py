@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import assert_trains_and_predicts, load_config, random_detector, synthetic_batch
-from hieradet_mmdet.benchmark.cases import narrow_detector_config
+from narrow_configs import narrow_detector_config
+
 from hieradet_mmdet.engine import amp, head_outputs
 
 

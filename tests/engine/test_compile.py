@@ -24,7 +24,7 @@ AOT = "compile.backend=aot_eager"
 
 
 def narrow_trunk_with_head():
-    from hieradet_mmdet.benchmark.cases import NARROW_HIERADET
+    from narrow_configs import NARROW_HIERADET
     from hieradet_mmdet.models import HieraDet
 
     class Model(torch.nn.Module):
@@ -240,7 +240,7 @@ def test_every_shipped_config_builds_for_compile(name):
     CompileHook compiles present (compiling is lazy: nothing is traced here)."""
     from mmengine.optim import build_optim_wrapper
 
-    from hieradet_mmdet.benchmark.cases import narrow_detector_config
+    from narrow_configs import narrow_detector_config
     from hieradet_mmdet.engine.compile import DEFAULT_PARTS, compile_parts
     from helpers import random_detector
 

@@ -3,7 +3,7 @@ every op for shapes and devices only, and refuses to mix its tensors with CPU on
 path that made an index on the CPU for a GPU input, or took the CPU-only oneDNN linears for it,
 fails here as it would on CUDA. By default another device runs the reference path (the fast path
 has been measured on the CPU only); ``fast_path=True`` forces it. (The numbers on CUDA:
-tools/device_check.sh.)"""
+``tools/benchmark.py --device cuda``, docs/gpu.md.)"""
 
 import pytest
 import torch

@@ -75,6 +75,6 @@ def test_finds_and_asks_the_compiler(tmp_path):
     assert not mmcv_build.cuda_headers_missing(str(home))
 
 
-@pytest.mark.parametrize("script", ["setup_env.sh", "device_check.sh"])
+@pytest.mark.parametrize("script", ["setup_env.sh", "mmcv_pch_cxx.sh", "test_stack.sh"])
 def test_shell_scripts_parse(script):
     assert run_tool("bash", "-n", ROOT / "tools" / script).returncode == 0
