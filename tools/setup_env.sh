@@ -115,7 +115,7 @@ if ! mmcv_ops_work; then
         if [ "$MMCV_OPS" = cuda ]; then
             say "building mmcv $MMCV_VERSION with CUDA ops ($CUDA_TAG) from source: about $MMCV_BUILD_MINUTES min with ${MAX_JOBS:-$(nproc)} parallel jobs, once per machine"
         else
-            say "building mmcv $MMCV_VERSION with ops ($CUDA_TAG) from source: 11-23 min on 2 cores (by processor), once per machine"
+            say "building mmcv $MMCV_VERSION with ops ($CUDA_TAG) from source: about 6 min on 2 cores (more on older processors), once per machine"
         fi
         say "build log: $LOG"
         rm -rf "$BUILD"
