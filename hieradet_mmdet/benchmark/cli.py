@@ -48,7 +48,7 @@ Examples (the figures in docs/benchmarks.md):
       --dtype fp32 bf16 --sizes 800x1344 --threads 2 --iters 10 --rounds 3 --out work_dirs/bench.json
   .venv/bin/python tools/benchmark.py --models hieradet_small --mode backbone-train --sizes 512x512 \\
       --batch 2 --with-cp both --threads 2 --iters 3 --malloc exact
-On a GPU (docs/benchmarks.md), checks, then times and memory of both paths, birder and with_cp:
+On a GPU (docs/gpu.md): the checks, then times and memory of both paths, birder and with_cp:
   python tools/benchmark.py --device cuda --checks --models hieradet_small hieradet_small_reference \\
       birder_small --mode backbone backbone-train --dtype bf16 fp32 --sizes 1024x1024 --batch 8 \\
       --with-cp both --rounds 2 --out work_dirs/gpu.json
