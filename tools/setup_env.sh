@@ -54,6 +54,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check --quiet)
+# Installs go through uv where it reaches its index: it downloads in parallel and links from its
+# cache, so torch's wheels take seconds instead of pip's two minutes, and a second stack on the same
+# torch copies nothing. pip, with its own configuration (a mirror, find-links), where uv cannot.
+UV_VERSION=0.13.10
+install() {
+    if [ -z "${SETUP_NO_UV:-}" ] && { [ -x "$VENV/bin/uv" ] || "${PIP[@]}" install "uv==$UV_VERSION" >/dev/null 2>&1; }; then
+        "$VENV/bin/uv" pip install --quiet --python "$PY" -c "$CONSTRAINTS" "$@" && return 0
+        say "uv could not install $*; installing with pip"
+    fi
+    "${PIP[@]}" install -c "$CONSTRAINTS" "$@"
+}
 
 # Keeps every later install from replacing torch or lifting setuptools past 81.
 CONSTRAINTS="$VENV/hieradet-constraints.txt"
@@ -75,16 +86,16 @@ PYEOF
 }
 
 if ! have "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" ninja==1.13.0; then
-    say "installing torch $TORCH_VERSION + torchvision $TORCHVISION_VERSION (about a minute)"
-    "${PIP[@]}" install -c "$CONSTRAINTS" "$SETUPTOOLS_PIN" wheel ninja==1.13.0 \
+    say "installing torch $TORCH_VERSION + torchvision $TORCHVISION_VERSION (under a minute with uv)"
+    install "$SETUPTOOLS_PIN" wheel ninja==1.13.0 \
         "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" ${NUMPY_SPEC:+"$NUMPY_SPEC"}
 fi
-"${PIP[@]}" install -c "$CONSTRAINTS" "$SETUPTOOLS_PIN"
+install "$SETUPTOOLS_PIN"
 stage_done "torch"
 
 if ! have "$MMENGINE_DIST==$MMENGINE_VERSION"; then
     say "installing $MMENGINE_DIST $MMENGINE_VERSION"
-    "${PIP[@]}" install -c "$CONSTRAINTS" "$MMENGINE_DIST==$MMENGINE_VERSION"
+    install "$MMENGINE_DIST==$MMENGINE_VERSION"
 fi
 
 # --- mmcv: built from source with ops, cached by everything its binary depends on ---
@@ -158,14 +169,14 @@ if ! mmcv_ops_work; then
     else
         say "using the cached mmcv wheel from $WHEEL_DIR"
     fi
-    "${PIP[@]}" install -c "$CONSTRAINTS" --force-reinstall --no-deps "$WHEEL_DIR"/mmcv-*.whl
-    "${PIP[@]}" install -c "$CONSTRAINTS" addict packaging Pillow pyyaml yapf opencv-python
+    install --force-reinstall --no-deps "$WHEEL_DIR"/mmcv-*.whl
+    install addict packaging Pillow pyyaml yapf opencv-python
 fi
 stage_done "mmcv"
 
 if ! have "$MMDET_DIST==$MMDET_VERSION"; then
     say "installing $MMDET_DIST $MMDET_VERSION"
-    "${PIP[@]}" install -c "$CONSTRAINTS" "$MMDET_DIST==$MMDET_VERSION"
+    install "$MMDET_DIST==$MMDET_VERSION"
 fi
 # Two distributions writing one module (mmengine) leave whichever was installed last: refuse that.
 if [ "$MMENGINE_DIST" != mmengine ] && "$PY" -m pip show -q mmengine >/dev/null 2>&1; then
@@ -182,17 +193,17 @@ installed_from() { (cd / && "$PY" -c 'import hieradet_mmdet, os; print(os.path.d
 if [ "$STACK" != current ]; then
     if ! "$PY" -c 'import pytest_randomly, xdist, pycocotools, safetensors' 2>/dev/null; then
         say "installing the compatibility tests' dependencies"
-        "${PIP[@]}" install -c "$CONSTRAINTS" pytest pytest-randomly pytest-xdist pycocotools safetensors
+        install pytest pytest-randomly pytest-xdist pycocotools safetensors
     fi
     if [ "$(installed_from)" != "$ROOT" ]; then
         say "installing hieradet-mmdet (editable) from $ROOT"
-        "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation --no-deps -e "$ROOT"
+        install --no-build-isolation --no-deps -e "$ROOT"
     fi
 elif ! have "birder==$BIRDER_VERSION" \
         || ! (cd / && "$PY" -c 'import hieradet_mmdet, pytest_randomly, xdist, onnx, onnxscript, onnxruntime, pycocotools, safetensors, hotcoco, faster_coco_eval' 2>/dev/null) \
         || [ "$(installed_from)" != "$ROOT" ]; then
     say "installing hieradet-mmdet (editable) with its test dependencies"
-    "${PIP[@]}" install -c "$CONSTRAINTS" --no-build-isolation -e "$ROOT[test]"
+    install --no-build-isolation -e "$ROOT[test]"
 fi
 stage_done "mmdet and this package"
 
@@ -201,7 +212,7 @@ stage_done "mmdet and this package"
 # installed without dependencies (it needs only numpy and Pillow, both here).
 if ! have panopticapi-lite==0.2.0; then
     say "installing panopticapi-lite 0.2.0 (without its numpy<2 pin)"
-    "${PIP[@]}" install -c "$CONSTRAINTS" --no-deps panopticapi-lite==0.2.0
+    install --no-deps panopticapi-lite==0.2.0
 fi
 
 "$PY" -c "import hieradet_mmdet, mmdet, torch; from mmcv.ops import nms, RoIAlign; print('[setup] ready: torch', torch.__version__, '| mmdet', mmdet.__version__)"
