@@ -167,6 +167,26 @@ def test_compiled_training_equals_eager_and_resumes_as_it_does(tmp_path):
     assert "compile=True: compiled backbone, neck for testing" in text and "bbox_mAP_copypaste" in text
 
 
+def test_compiled_mixed_precision_training_equals_eager(tmp_path):
+    """tools/train.py --amp bf16 (AutocastOptimWrapper: the whole detector under bf16 autocast, after
+    its head-output probe at another input size) with compile=True: the losses are the eager bf16
+    run's. Both take the reference path, as the compiled backbone does, so what differs is compile
+    alone: AOTAutograd's backward sums in another order, within bf16's rounding."""
+    config = tiny_epoch_config(tmp_path / "cfg")
+    losses = {}
+    for name, extra in (("eager", ()), ("compiled", (AOT,))):
+        proc = train("tools/train.py", config, tmp_path / name, "--amp", "bf16", "--cfg-options",
+                     "train_cfg.max_epochs=1", "model.backbone.fast_path=False", *extra)
+        assert proc.returncode == 0, fail_text(proc)
+        log = proc.stdout + proc.stderr
+        assert "--amp bf16 on CPU: bfloat16 autocast over the whole detector" in log, fail_text(proc)
+        losses[name] = losses_of(tmp_path / name)
+    assert "compile=True: compiled backbone, neck for training" in log, fail_text(proc)
+    assert sorted(losses["compiled"]) == sorted(losses["eager"]) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert losses["compiled"][step] == pytest.approx(losses["eager"][step], rel=2e-3), (step, losses)
+
+
 # One config per family; every shipped config is one of these (docs/compile.md lists which).
 FAMILIES = {
     "maskrcnn_hieradet_s.py": True,  # two-stage: Mask R-CNN (also 3x, LSJ), Faster R-CNN, Cascade
@@ -252,3 +272,15 @@ def test_every_shipped_config_builds_for_compile(name):
     done = compile_parts(model, DEFAULT_PARTS, dict(backend="aot_eager"))
     assert done == [part for part in DEFAULT_PARTS if getattr(model, part, None) is not None] and "backbone" in done
     assert compile_parts(model, DEFAULT_PARTS, {}) == []  # compiled once
+
+
+def test_compile_options_are_static_unless_the_config_says_dynamic():
+    from mmengine.config import Config
+
+    from hieradet_mmdet.engine.compile import compile_options
+
+    assert compile_options(Config(dict(compile=True))) == {"dynamic": False}
+    assert compile_options(Config(dict(compile=dict(backend="aot_eager")))) == {"dynamic": False,
+                                                                               "backend": "aot_eager"}
+    assert compile_options(Config(dict(compile=dict(dynamic=True)))) == {"dynamic": True}
+    assert compile_options(Config(dict(compile=False))) is None and compile_options(Config(dict())) is None
