@@ -21,8 +21,8 @@ SETUPTOOLS_PIN='setuptools>=77,<81'
 # without birder (its reference numbers come from the current stack: tools/test_stack.sh).
 #   floor: the oldest, as MMDetection 3.3 users commonly run it (mmcv built against torch 2.1 as released).
 #   fork:  the maintained community fork's mmengine and mmdetection (same module names) on the current
-#          torch, with the current stack's mmcv 2.1.0 wheel (its onedl-mmcv 2.3.6 would be a second
-#          20-minute source build in CI); OpenMMLab's mmengine must not be installed beside it.
+#          torch, with the current stack's mmcv 2.1.0 wheel (its onedl-mmcv 2.3.6 would be a third
+#          source build in CI: docs/installation.md); OpenMMLab's mmengine must not be installed beside it.
 STACK="${STACK:-current}"
 case "$STACK" in
     current) ;;
@@ -155,9 +155,13 @@ if ! mmcv_ops_work; then
             "$PY" -m pip wheel --no-build-isolation --no-deps -v . -w "$WHEEL_DIR.tmp"
         ) > "$LOG" 2>&1 &
         build_pid=$!
-        while kill -0 "$build_pid" 2>/dev/null; do
-            sleep 60
-            kill -0 "$build_pid" 2>/dev/null && say "  still building mmcv ($(( ($(date +%s) - start) / 60 )) min so far; compiled $(grep -o '\[[0-9]*/[0-9]*\]' "$LOG" | tail -n 1 | tr -d '[]' || true))"
+        next_report=$(( start + 60 ))
+        while kill -0 "$build_pid" 2>/dev/null; do  # polled often, so that the end is noticed at once
+            sleep 2
+            if [ "$(date +%s)" -ge "$next_report" ] && kill -0 "$build_pid" 2>/dev/null; then
+                say "  still building mmcv ($(( ($(date +%s) - start) / 60 )) min so far; compiled $(grep -o '\[[0-9]*/[0-9]*\]' "$LOG" | tail -n 1 | tr -d '[]' || true))"
+                next_report=$(( next_report + 60 ))
+            fi
         done
         if ! wait "$build_pid"; then
             say "mmcv build FAILED; see the log: $LOG"
