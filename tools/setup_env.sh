@@ -219,5 +219,11 @@ if ! have panopticapi-lite==0.2.0; then
     install --no-deps panopticapi-lite==0.2.0
 fi
 
+# Byte-compiled here, as pip does at install and uv does not: where PYTHONDONTWRITEBYTECODE is set (CI
+# machines here), every process would otherwise compile each module it imports, torch's included.
+# compileall skips what is compiled already; files written for other Pythons fail, as under pip.
+"$PY" -m compileall -q -j 0 "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1 || true
+stage_done "byte-compiling"
+
 "$PY" -c "import hieradet_mmdet, mmdet, torch; from mmcv.ops import nms, RoIAlign; print('[setup] ready: torch', torch.__version__, '| mmdet', mmdet.__version__)"
 [ "$STACK" = current ] || touch "$VENV/.setup-done"
