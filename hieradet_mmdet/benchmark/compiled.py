@@ -128,6 +128,8 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     """In this process: eager and compiled steps of one case, interleaved (see the module docstring)."""
     import torch
 
+    from ..engine.compile import compile_options
+
     torch.set_num_threads(case["threads"])
     device = case["device"]
     model, parts, run, (count_fn, count_args), training = _setup(case)
@@ -146,8 +148,8 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
 
-    for part in parts:
-        part.compile(backend=case.get("backend", "inductor"), dynamic=False)
+    for part in parts:  # as ``compile = True`` compiles them
+        part.compile(**compile_options(dict(compile=dict(backend=case.get("backend", "inductor")))))
     compiled = [part._compiled_call_impl for part in parts]
     t0 = time.perf_counter()
     step()
@@ -155,6 +157,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     result["compile_s"] = time.perf_counter() - t0
     step()  # a second call: guards and any recompilation for the train/eval or grad state
     hieradet = getattr(model, "backbone", model)
+    fast_path = hieradet.fast_path
     reference_times: list[float] = []
     for _ in range(case["iters"]):  # eager, eager on the reference path and compiled take turns
         for part in parts:
@@ -162,7 +165,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         timed(eager_times)
         hieradet.fast_path = False
         timed(reference_times)
-        hieradet.fast_path = None
+        hieradet.fast_path = fast_path
         for part, impl in zip(parts, compiled):
             part._compiled_call_impl = impl
         timed(compiled_times)
