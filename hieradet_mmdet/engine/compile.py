@@ -23,8 +23,9 @@ neck's.
 * ``dynamic=False`` unless the config sets ``dynamic`` (:func:`compile_options` says why): every
   new input shape compiles once, quickly, instead of a slow recompile with symbolic sizes.
 * A frame that torch itself fails to compile runs eagerly instead of stopping the run
-  (``torch._dynamo.config.suppress_errors``); the hook says so once, and dynamo's warning names
-  the frame.
+  (``torch._dynamo.config.suppress_errors``, set for the run and put back after it: a process
+  that goes on after ``runner.train()`` gets its own setting back); the hook says so once, and
+  dynamo's warning names the frame.
 * The optimizer's parameter groups are plain dicts: dynamo cannot trace an optimizer step over
   groups of a dict subclass, which is what MMEngine's own ``DefaultOptimWrapperConstructor``
   hands torch when a config has a ``paramwise_cfg`` (``HieraDetLayerDecayConstructor`` gives plain
@@ -109,6 +110,7 @@ class CompileHook(Hook):
     def __init__(self, parts: Optional[Sequence[str]] = DEFAULT_PARTS) -> None:
         self.parts = None if parts is None else tuple(parts)
         self._said = False
+        self._suppress_errors_before: Optional[bool] = None
 
     def before_train(self, runner) -> None:
         options = compile_options(runner.cfg)
@@ -134,9 +136,18 @@ class CompileHook(Hook):
         if options is not None and self.parts is not None:
             self._compile(runner, options, what)
 
+    def after_run(self, runner) -> None:
+        if self._suppress_errors_before is not None:
+            import torch._dynamo
+
+            torch._dynamo.config.suppress_errors = self._suppress_errors_before
+            self._suppress_errors_before = None
+
     def _compile(self, runner, options: dict, what: str) -> None:
         import torch._dynamo
 
+        if self._suppress_errors_before is None:
+            self._suppress_errors_before = torch._dynamo.config.suppress_errors
         torch._dynamo.config.suppress_errors = True
         done = compile_parts(runner.model, self.parts, options) if self.parts is not None else []
         if self._said:

@@ -284,3 +284,26 @@ def test_compile_options_are_static_unless_the_config_says_dynamic():
                                                                                "backend": "aot_eager"}
     assert compile_options(Config(dict(compile=dict(dynamic=True)))) == {"dynamic": True}
     assert compile_options(Config(dict(compile=False))) is None and compile_options(Config(dict())) is None
+
+
+def test_eager_fallback_lasts_as_long_as_the_run(monkeypatch):
+    """CompileHook turns dynamo's suppress_errors on for the run and gives the process its own
+    setting back after it (validation and testing alike)."""
+    import torch._dynamo
+    from mmengine.config import Config
+
+    from hieradet_mmdet.engine.compile import CompileHook
+
+    class Runner:
+        cfg = Config(dict(compile=dict(backend="aot_eager")))
+        model = narrow_trunk_with_head()
+
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    hook, runner = CompileHook(), Runner()
+    hook.before_test(runner)
+    assert torch._dynamo.config.suppress_errors is True
+    hook.before_val(runner)  # a second compile in the same run keeps the first setting to restore
+    hook.after_run(runner)
+    assert torch._dynamo.config.suppress_errors is False
+    hook.after_run(runner)
+    assert torch._dynamo.config.suppress_errors is False
