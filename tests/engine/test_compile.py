@@ -111,7 +111,7 @@ def test_compile_hook_makes_mmengines_paramwise_groups_plain():
 
 
 def test_inductor_compiles_the_backbone_with_no_graph_break_and_equal_outputs():
-    from hieradet_mmdet.benchmark.compiled import graph_breaks
+    from benchmarks.compiled import graph_breaks
 
     model = narrow_trunk_with_head().backbone.eval()
     x = torch.randn(1, 3, 64, 96)
@@ -239,7 +239,7 @@ def test_benchmark_attributes_graph_breaks_to_the_part_whose_code_broke():
 
     import mmdet
 
-    from hieradet_mmdet.benchmark.compiled import part_of
+    from benchmarks.compiled import part_of
     from hieradet_mmdet.models import hieradet
 
     heads = os.path.join(os.path.dirname(mmdet.__file__), "models", "roi_heads", "standard_roi_head.py")
@@ -286,7 +286,7 @@ def test_compile_options_are_static_unless_the_config_says_dynamic():
     assert compile_options(Config(dict(compile=False))) is None and compile_options(Config(dict())) is None
 
 
-def test_eager_fallback_lasts_as_long_as_the_run(monkeypatch):
+def test_eager_fallback_lasts_as_long_as_the_run():
     """CompileHook turns dynamo's suppress_errors on for the run and gives the process its own
     setting back after it (validation and testing alike)."""
     import torch._dynamo
@@ -298,12 +298,13 @@ def test_eager_fallback_lasts_as_long_as_the_run(monkeypatch):
         cfg = Config(dict(compile=dict(backend="aot_eager")))
         model = narrow_trunk_with_head()
 
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
-    hook, runner = CompileHook(), Runner()
-    hook.before_test(runner)
-    assert torch._dynamo.config.suppress_errors is True
-    hook.before_val(runner)  # a second compile in the same run keeps the first setting to restore
-    hook.after_run(runner)
-    assert torch._dynamo.config.suppress_errors is False
-    hook.after_run(runner)
-    assert torch._dynamo.config.suppress_errors is False
+    # torch's own patch: pytest's monkeypatch deletes a config entry it restores, hiding it
+    with torch._dynamo.config.patch(suppress_errors=False):
+        hook, runner = CompileHook(), Runner()
+        hook.before_test(runner)
+        assert torch._dynamo.config.suppress_errors is True
+        hook.before_val(runner)  # a second compile in the same run keeps the first setting to restore
+        hook.after_run(runner)
+        assert torch._dynamo.config.suppress_errors is False
+        hook.after_run(runner)
+        assert torch._dynamo.config.suppress_errors is False
