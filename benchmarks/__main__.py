@@ -1,4 +1,4 @@
-"""``python -m hieradet_mmdet.benchmark``: tools/benchmark.py's command line (also how it runs a
+"""``python -m benchmarks`` (from the repository): tools/benchmark.py's command line (also how it runs a
 case in a process of its own)."""
 
 import sys

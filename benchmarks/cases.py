@@ -8,14 +8,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from hieradet_mmdet.reference import (LOW_PRECISION, SEED, autocast, birder_available, birder_features, make_birder,
-                                      norm_err, ours_from_birder, rel_err, sync)
+from .reference import (LOW_PRECISION, SEED, autocast, birder_available, birder_features, make_birder,
+                        norm_err, ours_from_birder, rel_err, sync)
 
 from .flops import count_flops
 from .memory import PeakMemory
 from .timing import interleaved, time_steps, warm_up
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 MODELS: dict[str, dict[str, Any]] = {
     "hieradet_small": dict(kind="ours", arch="small"),

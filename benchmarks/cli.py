@@ -35,7 +35,7 @@ bf16 rows also give the error against the same model in fp32 ('err_vs_fp32').
 against birder with the same weights, outputs and gradients in float64 (1e-10 / 1e-9) and in fp32
 against birder's float64 (within 4x birder's own fp32 error + 1e-6), bf16 and fp16 autocast
 against fp32 next to birder's same error, with_cp gradients (stochastic depth on) against the same
-step without it, and the fast path's plumbing there (hieradet_mmdet.benchmark.parity); the exit
+step without it, and the fast path's plumbing there (benchmarks.parity); the exit
 status is 1 when one fails. first_step_ms: a case's first step, in a process that has not seen
 its size (the per-size index plan, first allocations).
 
@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .cases import DETECTORS, DTYPES, MODELS, MODES, REPO, loadavg, run_case, run_paired
+from .compiled import CASES as COMPILE_CASES
 from .memory import EXACT_MALLOC_ENV
 from .report import (amp_choice, comparisons, gemm_gflops, machine_info, markdown_table, merge_rounds, print_table,
                      summarize_times, text_table, write_json)
@@ -134,22 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume-cost", nargs="+", type=int, metavar="K",
                         help="run nothing else: seconds from resuming at iteration K to the first new step, the "
                              "resumable training loop against MMEngine's replay of the trained batches "
-                             "(hieradet_mmdet.benchmark.resume_cost), e.g. --resume-cost 10 1000 100000")
+                             "(benchmarks.resume_cost), e.g. --resume-cost 10 1000 100000")
     parser.add_argument("--coco-eval", nargs="?", type=int, const=5000, metavar="IMAGES",
                         help="run nothing else: seconds of COCO bbox and segm evaluation on a generated COCO-val-sized "
                              "result set of IMAGES images (default 5000), pycocotools against each faster backend, "
-                             "with the largest difference of their 12 stats (hieradet_mmdet.benchmark.coco_eval)")
+                             "with the largest difference of their 12 stats (benchmarks.coco_eval)")
     parser.add_argument("--coco-eval-data", type=Path, metavar="DIR",
                         help="--coco-eval: where the generated set is written once and reused "
                              "(default: $TMPDIR or /tmp, hieradet-mmdet-coco-eval/)")
     parser.add_argument("--compile", action="store_true",
                         help="run nothing else: torch.compile against eager as compile=True compiles (backbone and "
                              "neck), backbone alone and whole Mask R-CNN, inference and train step, compile time "
-                             "cold and warm, graph breaks per part (hieradet_mmdet.benchmark.compiled); the first "
+                             "cold and warm, graph breaks per part (benchmarks.compiled); the first "
                              "--sizes, --device, --threads, --iters, --warmup")
-    parser.add_argument("--compile-cases", nargs="+", metavar="CASE",
-                        choices=("backbone-infer", "backbone-train", "detector-infer", "detector-train"),
-                        default=["backbone-infer", "backbone-train", "detector-infer", "detector-train"],
+    parser.add_argument("--compile-cases", nargs="+", metavar="CASE", choices=COMPILE_CASES,
+                        default=list(COMPILE_CASES),
                         help="with --compile: which of backbone-infer, backbone-train, detector-infer, detector-train")
     parser.add_argument("--checks", action="store_true",
                         help="first check correctness on --device (see above); exit status 1 if a check fails")
@@ -189,7 +189,7 @@ def run_isolated(cases: list[dict[str, Any]], paired: bool, timeout: float) -> l
     if cases[0].get("malloc") == "exact":
         env.update(EXACT_MALLOC_ENV)
     arg = ["--group", json.dumps(cases)] if paired else ["--case", json.dumps(cases[0])]
-    cmd = [sys.executable, "-m", "hieradet_mmdet.benchmark", *arg]  # from REPO: this package
+    cmd = [sys.executable, "-m", "benchmarks", *arg]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
     except subprocess.TimeoutExpired:

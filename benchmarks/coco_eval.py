@@ -17,8 +17,9 @@ import os
 import time
 from typing import Callable, Optional, Sequence
 
-from ..engine.coco_metric import (BACKENDS, check_results, evaluate, ground_truth, installed_backends, read_json,
-                                  stats_of)
+from hieradet_mmdet.engine.coco_metric import (BACKENDS, check_results, evaluate, ground_truth, installed_backends,
+                                               read_json, stats_of)
+
 from .coco_results import describe, write_result_set
 
 DATA_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "hieradet-mmdet-coco-eval")

@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from .cases import REPO
+
 RESULT_TAG = "COMPILE_RESULT "
 CASES = ("backbone-infer", "backbone-train", "detector-infer", "detector-train")
 PART_PATHS = (("backbone", ("hieradet_mmdet/models",)), ("neck", ("mmdet/models/necks",)),
@@ -48,7 +50,7 @@ def part_of(stack) -> str:
 
 def graph_breaks(fn, *args, training: bool = False) -> dict[str, Any]:
     """Graphs and graph breaks dynamo makes of ``fn(*args)`` (forward; with autograd when
-    ``training``), the breaks per part and their first reasons."""
+    ``training``), the breaks per part and their reasons (16 at most, those in the heads last)."""
     import torch
     import torch._dynamo
 
@@ -56,17 +58,17 @@ def graph_breaks(fn, *args, training: bool = False) -> dict[str, Any]:
         out = torch._dynamo.explain(fn)(*args)
     torch._dynamo.reset()
     per_part: dict[str, int] = {}
-    reasons = []
+    reasons = set()
     for reason in out.break_reasons:
         part = part_of(reason.user_stack)
         per_part[part] = per_part.get(part, 0) + 1
         where = reason.user_stack[-1] if reason.user_stack else None
-        reasons.append(f"{part}: {reason.reason.splitlines()[0][:120]}"
-                       + (f" ({os.path.basename(where.filename)}:{where.lineno})" if where else ""))
+        reasons.add((part == "heads", f"{part}: {reason.reason.splitlines()[0][:120]}"
+                     + (f" ({os.path.basename(where.filename)}:{where.lineno})" if where else "")))
     if out.graph_break_count > len(out.break_reasons):  # breaks explain counts without a recorded reason
         per_part["unattributed"] = out.graph_break_count - len(out.break_reasons)
     return dict(graphs=out.graph_count, graph_breaks=out.graph_break_count, per_part=per_part,
-                reasons=sorted(set(reasons))[:12])
+                reasons=[text for _, text in sorted(reasons)][:16])  # MMDetection's heads' last
 
 
 def _sync(device: str) -> None:
@@ -128,7 +130,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     """In this process: eager and compiled steps of one case, interleaved (see the module docstring)."""
     import torch
 
-    from ..engine.compile import compile_options
+    from hieradet_mmdet.engine.compile import compile_options
 
     torch.set_num_threads(case["threads"])
     device = case["device"]
@@ -186,8 +188,8 @@ def run_cases(cases: list[str], size, device: str, threads: int, iters: int, war
             for temperature in ("cold", "warm"):
                 case = dict(case=name, size=list(size), device=device, threads=threads, iters=iters, warmup=warmup,
                             count_breaks=temperature == "cold")
-                cmd = [sys.executable, "-m", "hieradet_mmdet.benchmark.compiled", json.dumps(case)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                cmd = [sys.executable, "-m", "benchmarks.compiled", json.dumps(case)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
                 found = [json.loads(line[len(RESULT_TAG):]) for line in proc.stdout.splitlines()
                          if line.startswith(RESULT_TAG)]
                 if not found:

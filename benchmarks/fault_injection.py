@@ -70,7 +70,7 @@ class Training:
 
 def newest_checkpoint_iter(work_dir: Path) -> int:
     """The iteration the checkpoint a resume would take was written at (0: none)."""
-    from ..engine.checkpointing import find_resumable_checkpoint, training_progress
+    from hieradet_mmdet.engine.checkpointing import find_resumable_checkpoint, training_progress
 
     path = find_resumable_checkpoint(str(work_dir), logger="silent")
     return training_progress(path)[0] if path else 0
@@ -119,8 +119,8 @@ def _kill_once(training: Training, ready, delay, deadline: float, poll: float) -
 def final_weights(work_dir: Path):
     import torch
 
-    from ..engine.checkpointing import find_resumable_checkpoint
-    from ..weights.reader import allow_mmengine_types
+    from hieradet_mmdet.engine.checkpointing import find_resumable_checkpoint
+    from hieradet_mmdet.weights.reader import allow_mmengine_types
 
     allow_mmengine_types()
     path = find_resumable_checkpoint(str(work_dir), logger="silent")

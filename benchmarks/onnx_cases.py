@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from ..torch_compat import export_unsupported
+    from hieradet_mmdet.torch_compat import export_unsupported
 
     if export_unsupported():
         print(f"error: {export_unsupported()}", file=sys.stderr)

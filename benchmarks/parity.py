@@ -8,8 +8,8 @@ import copy
 
 import torch
 
-from hieradet_mmdet.reference import (SEED, autocast, birder_features, finite, make_pair, noise_bound, norm_err,
-                                      rel_err, strict_fp32)
+from .reference import (SEED, autocast, birder_features, finite, make_pair, noise_bound, norm_err,
+                        rel_err, strict_fp32)
 from hieradet_mmdet.weights.convert import birder_to_ours
 
 

@@ -2,16 +2,18 @@
 synchronisation, autocast by dtype name, true fp32; and birder, the reference implementation of
 HieraDet, with seeded, perturbed weights, alone or paired with ours.
 
-Used by the tests, the benchmark (``hieradet_mmdet.benchmark``, its ``--checks`` included) and
-the export checks. birder is imported only when asked for.
+Used by the tests and the measuring tools here (the ``--checks`` included), not by the plugin: birder
+is a test dependency, imported only when asked for. ``rel_err`` is the export checks' own
+(hieradet_mmdet.export.compare), the one definition every comparison uses.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
+
+from hieradet_mmdet.export.compare import as_float64, rel_err  # noqa: F401  (the export checks' own)
 
 SEED = 0
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -19,24 +21,10 @@ LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ---- numbers ----------------------------------------------------------------------------------
 
-def _float64(x, device=None) -> torch.Tensor:
-    x = x.detach() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x, dtype=np.float64))
-    return x.to(device=device, dtype=torch.float64)
-
-
-def rel_err(a, b) -> float:
-    """max |a - b| / max |b|, in float64; tensors or arrays (two empty ones: 0)."""
-    a = _float64(a)
-    b = _float64(b, a.device)
-    if b.numel() == 0:
-        return 0.0 if a.numel() == 0 else float("inf")
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
-
-
 def norm_err(a, b) -> float:
     """||a - b|| / ||b||, in float64; tensors or arrays."""
-    a = _float64(a)
-    b = _float64(b, a.device)
+    a = as_float64(a)
+    b = as_float64(b, a.device)
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from hieradet_mmdet.reference import sync
+from .reference import sync
 
 
 def time_steps(step: Callable[[], Any], n: int, device: str,

@@ -14,16 +14,14 @@ says what to install.
     weights/             published weights, checkpoint reading and key conversion, loading into a
                          model, tensor digests, whether a checkpoint fits a whole detector
     models/              the trunk (reference and fast path), the classifier, the registered backbone
-    reference.py         numbers to compare with (float64 errors, autocast by name) and birder, the
-                         reference implementation (tests and benchmarks; birder imported lazily)
     engine/              MMEngine / MMDetection integration (training)
     detectors.py         configs and the detectors built from them, for the tools, export and tests
     export/              ONNX and torch.export programs, and running them without MMDetection
-    benchmark/           the one timing and reporting harness: the benchmark (CPU or GPU), ONNX
-    demo/                the demo: its dataset, short training runs, feature pictures, fault injection
+    demo/                the demo: its dataset, short training runs, feature pictures
 
 Each imports only from the lines above it (engine/, detectors.py and export/ side by side; export/
-never imports engine/)."""
+never imports engine/). The measuring tools and birder, the reference the tests compare with, live
+outside the package, in the repository's ``benchmarks/``."""
 
 from .archs import ARCH_NAMES
 from .models.hieradet import HieraDet

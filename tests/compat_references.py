@@ -21,8 +21,9 @@ from typing import Optional
 import torch
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # run as a script
-    sys.path.insert(0, str(HERE))
+for path in (HERE, HERE.parent):  # run as a script: the tests' helpers, the repository's benchmarks.reference
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 ENV = "HIERADET_MMDET_REFERENCES"
 FILE = "references.pt"

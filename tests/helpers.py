@@ -14,14 +14,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hieradet_mmdet.reference import birder_features, noise_bound, ours_from_birder, rel_err  # noqa: F401
-from hieradet_mmdet.reference import make_birder as make_birder_model  # noqa: F401
+from benchmarks.reference import birder_features, noise_bound, ours_from_birder, rel_err  # noqa: F401
+from benchmarks.reference import make_birder as make_birder_model  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 PUBLISHED = "hieradet_d_small_dino-v2-imagenet12k"
 
-# ---- numbers (rel_err and birder, the reference: hieradet_mmdet.reference) -------------------
+# ---- numbers (rel_err and birder, the reference: benchmarks.reference) -------------------
 
 
 def assert_close_rel(ours, ref, tol=1e-5):

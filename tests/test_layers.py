@@ -12,8 +12,8 @@ PACKAGE = ROOT / "hieradet_mmdet"
 # Bottom to top; a name is a top-level module or subpackage of hieradet_mmdet. Modules of one floor
 # may import each other's (engine/, detectors.py and export/ are side by side, but export/ never
 # imports engine/: checked below).
-FLOORS = [("archs", "cpu", "mmengine_adapter", "torch_compat"), ("weights",), ("models",), ("reference",),
-          ("engine", "detectors", "export"), ("benchmark", "demo"), ("__init__",)]
+FLOORS = [("archs", "cpu", "mmengine_adapter", "torch_compat"), ("weights",), ("models",),
+          ("engine", "detectors", "export"), ("demo",), ("__init__",)]
 FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
 
 
@@ -74,3 +74,14 @@ def test_no_two_modules_import_each_other():
     pairs = sorted({tuple(sorted((a, b))) for a, found in graph.items() for b in found
                     if b != a and a in graph.get(b, set()) and not a.startswith(b) and not b.startswith(a)})
     assert not pairs, pairs
+
+
+def test_the_package_never_imports_the_measuring_tools():
+    """benchmarks/ sits beside the package, not in it: an installed plugin has no benchmarks to import."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [(path.name, n) for n in names if n.split(".")[0] == "benchmarks"]
+    assert not found, found

@@ -1,10 +1,10 @@
-"""hieradet_mmdet.reference: the relative errors every comparison is made with."""
+"""benchmarks.reference: the relative errors every comparison is made with."""
 
 import numpy as np
 import pytest
 import torch
 
-from hieradet_mmdet.reference import norm_err, rel_err
+from benchmarks.reference import norm_err, rel_err
 
 
 def test_relative_errors_in_float64_for_tensors_and_arrays():

@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "tools" / "train.py"
+sys.path.insert(0, str(REPO))  # the repository's benchmarks/, which the installed plugin does not contain
 
 
 def parse_args(argv=None):
@@ -50,7 +51,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, extra = parse_args(argv)
-    from hieradet_mmdet.demo.fault_injection import inject_faults, lost_nothing
+    from benchmarks.fault_injection import inject_faults, lost_nothing
 
     if not any("randomness.seed" in a for a in extra):
         extra += ["--cfg-options", f"randomness.seed={args.train_seed}"]

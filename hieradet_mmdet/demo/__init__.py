@@ -6,5 +6,4 @@ tools and tests built on the same pieces. Needs MMDetection (and pycocotools, Op
     small_run        config entries for short CPU training runs, their COCO metrics
     features         PCA pictures of a backbone's feature maps
     run              the demo: dataset, training, evaluation before and after, pictures
-    fault_injection  killing training at random moments and checking that resuming loses nothing
 """

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..reference import rel_err
+from .compare import rel_err
 from .exporting import ExportTarget
 from .metadata import base_metadata, tensor_spec
 

@@ -1,14 +1,30 @@
-"""Comparing what an exported file computes with what the eager model computes."""
+"""Comparing what an exported file computes with what the eager model computes (and the relative
+error every comparison in this project is made with)."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+import torch
 
 SCORE_TOL = 1e-4
 BOX_TOL = 0.5  # pixels
 TOP = 20  # detections compared per image, best first
+
+
+def as_float64(x, device=None) -> torch.Tensor:
+    x = x.detach() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x, dtype=np.float64))
+    return x.to(device=device, dtype=torch.float64)
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, in float64; tensors or arrays (two empty ones: 0)."""
+    a = as_float64(a)
+    b = as_float64(b, a.device)
+    if b.numel() == 0:
+        return 0.0 if a.numel() == 0 else float("inf")
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 def match_detections(dets: np.ndarray, labels: np.ndarray, ref_boxes: np.ndarray, ref_scores: np.ndarray,

@@ -9,8 +9,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from .compare import BOX_TOL, SCORE_TOL, match_detections, summarise_matches
-from ..reference import rel_err
+from .compare import BOX_TOL, SCORE_TOL, match_detections, rel_err, summarise_matches
 from .exporting import ExportTarget
 from .metadata import base_metadata, tensor_spec
 from .query_based import SUPPORTED_DETECTORS as QUERY_BASED

@@ -1,12 +1,12 @@
-"""tools/benchmark.py (hieradet_mmdet.benchmark) on tiny inputs: the fields it documents, memory
+"""tools/benchmark.py (benchmarks) on tiny inputs: the fields it documents, memory
 per isolated case, paired runs."""
 
 import json
 
 import pytest
 
-from hieradet_mmdet.benchmark import cli as tool
-from hieradet_mmdet.benchmark.cases import case_detector, detection_agreement, detector_batch
+from benchmarks import cli as tool
+from benchmarks.cases import case_detector, detection_agreement, detector_batch
 
 
 def test_benchmark_writes_the_documented_fields(tmp_path):

@@ -1,4 +1,4 @@
-"""tools/benchmark.py --checks (hieradet_mmdet.benchmark.parity): correctness on the device before
+"""tools/benchmark.py --checks (benchmarks.parity): correctness on the device before
 the timings, the trunk's two paths timed side by side with the choice between them, and each
 check catching the bug it exists for (a check that cannot fail would prove nothing on a GPU either)."""
 
@@ -10,11 +10,11 @@ import torch
 
 from helpers import ROOT
 
-from hieradet_mmdet.benchmark import cli as tool
-from hieradet_mmdet.benchmark import parity
-from hieradet_mmdet.benchmark.cases import build_backbone
-from hieradet_mmdet.benchmark.parity import check_autocast, check_parity, check_with_cp
-from hieradet_mmdet.reference import make_pair
+from benchmarks import cli as tool
+from benchmarks import parity
+from benchmarks.cases import build_backbone
+from benchmarks.parity import check_autocast, check_parity, check_with_cp
+from benchmarks.reference import make_pair
 
 CHECK_SHAPE = (1, 3, 64, 96)  # 'small' pads its stage-3/4 windows at this size
 EXPECTED_CHECKS = ("float64 outputs", "float64 gradients", "fp32 outputs vs birder's float64",

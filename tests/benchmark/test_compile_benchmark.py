@@ -1,4 +1,4 @@
-"""``tools/benchmark.py --compile``'s measurement of one case (hieradet_mmdet.benchmark.compiled),
+"""``tools/benchmark.py --compile``'s measurement of one case (benchmarks.compiled),
 in this process and with ``aot_eager`` (inductor's C++ code generation takes minutes on 2 cores):
 eager, eager on the reference path and compiled steps each timed, graph breaks counted, the row
 in the table."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 def test_a_compile_case_times_the_fast_path_the_reference_path_and_the_compiled_one(monkeypatch):
-    from hieradet_mmdet.benchmark.compiled import run_one, table
+    from benchmarks.compiled import run_one, table
     from hieradet_mmdet.models import fast_path
 
     fast_calls = []

@@ -1,5 +1,5 @@
 """FastCocoMetric and the faster COCO evaluators against pycocotools and MMDetection's CocoMetric,
-on generated COCO-like result sets (hieradet_mmdet.benchmark.coco_results: COCO's image and object
+on generated COCO-like result sets (benchmarks.coco_results: COCO's image and object
 sizes, crowd regions, images without objects and without detections, up to 100 detections an
 image); malformed files; progress; result files written whole. The 5,000-image comparison and
 the timings are in the benchmark (tools/benchmark.py --coco-eval)."""
@@ -14,7 +14,7 @@ import pytest
 
 from helpers import ROOT, fail_text, run_tool
 
-from hieradet_mmdet.benchmark.coco_results import describe, write_result_set
+from benchmarks.coco_results import describe, write_result_set
 from hieradet_mmdet.engine.coco_metric import (CocoFileError, FastCocoMetric, evaluate, evaluate_files, ground_truth,
                                                read_json, resolve_backend, stats_of)
 

@@ -8,7 +8,7 @@ has been measured on the CPU only); ``fast_path=True`` forces it. (The numbers o
 import pytest
 import torch
 
-from hieradet_mmdet.benchmark.parity import plan_tensors
+from benchmarks.parity import plan_tensors
 from hieradet_mmdet.models import HieraDet
 from hieradet_mmdet.models import fast_path, fused_linear
 from hieradet_mmdet.models import hieradet as reference_path

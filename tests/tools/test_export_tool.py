@@ -18,7 +18,7 @@ import torch
 
 from detector_families import (BOX_TOL, SCORE_TOL, SIZE, assert_same_detections, make_detector, onnx_detections,
                                reference_detections, write_data)
-from helpers import fail_text, run_tool
+from helpers import ROOT, fail_text, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,19 @@ def test_onnx_infer_cli_prints_detections_and_writes_pictures(mask_rcnn, data, t
     for image in images:
         picture = cv2.imread(str(tmp_path / "pictures" / image.name))
         assert picture is not None and picture.shape[:2] == cv2.imread(str(image)).shape[:2]
+
+
+def test_onnx_benchmark_times_the_three_runtimes_of_the_backbone(tmp_path):
+    """tools/onnx_benchmark.py from the repository (its code is benchmarks/, outside the package):
+    eager fast path, eager reference path and onnxruntime, one row each, the first the yardstick."""
+    proc = run_tool(ROOT / "tools" / "onnx_benchmark.py", "--sizes", "64x96", "--detector-size", "", "--iters", "1",
+                    "--threads", "1", "--out", tmp_path / "onnx.json", cwd=tmp_path)
+    assert proc.returncode == 0, fail_text(proc)
+    rows = json.loads((tmp_path / "onnx.json").read_text())["rows"]
+    assert [(r["input"], r["runtime"].split(" (")[0]) for r in rows] == [("64x96", "PyTorch eager")] * 2 + [
+        ("64x96", "onnxruntime")]
+    assert rows[0]["vs_eager"] == 1.0 and all(r["ms"] > 0 for r in rows)
+    assert "| HieraDet-S backbone | 64x96 | onnxruntime |" in proc.stdout
 
 
 def test_classifier_onnx_probabilities_equal_classify_tool(birder_files, tmp_path):

@@ -108,7 +108,7 @@ def test_mmengine_flop_count_agrees_with_the_benchmarks(arch):
     """MMEngine (get_flops.py) counts a multiply-add as one FLOP and LayerNorm too; the benchmark
     (torch's FlopCounterMode) counts a multiply-add as two and no normalisation. Convolutions,
     linears and attention then agree exactly, on either path of the model."""
-    from hieradet_mmdet.benchmark.flops import count_flops
+    from benchmarks.flops import count_flops
     from mmengine.analysis import FlopAnalyzer
 
     from hieradet_mmdet.models import HieraDet
