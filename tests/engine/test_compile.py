@@ -219,19 +219,24 @@ def test_mmdetections_own_tools_train_and_test_compiled(name, tmp_path):
 
 def test_data_parallel_training_compiled(tmp_path):
     """2 CPU processes (gloo, tools/dist_train.sh): each compiles its backbone and neck inside
-    MMDistributedDataParallel, and the run trains and validates."""
+    MMDistributedDataParallel, and the run trains and validates with the eager data-parallel
+    run's losses."""
     import sys
 
     from helpers import free_port
 
     config = tiny_epoch_config(tmp_path / "cfg")
-    proc = run_tool("bash", ROOT / "tools" / "dist_train.sh", config, "2", "--work-dir", tmp_path / "work",
-                    "--cfg-options", AOT, "train_cfg.max_epochs=1",
-                    env={**ENV, "PORT": str(free_port()), "PYTHON": sys.executable}, timeout=600)
-    assert proc.returncode == 0, fail_text(proc)
+    for name, options in (("eager", ()), ("compiled", (AOT,))):
+        proc = run_tool("bash", ROOT / "tools" / "dist_train.sh", config, "2", "--work-dir", tmp_path / name,
+                        "--cfg-options", *options, "train_cfg.max_epochs=1",
+                        env={**ENV, "PORT": str(free_port()), "PYTHON": sys.executable}, timeout=600)
+        assert proc.returncode == 0, fail_text(proc)
+        assert (tmp_path / name / "epoch_1.pth").is_file()
     log = proc.stdout + proc.stderr
     assert "compile=True: compiled backbone, neck for training" in log, fail_text(proc)
-    assert (tmp_path / "work" / "epoch_1.pth").is_file()
+    reference, compiled = losses_of(tmp_path / "eager"), losses_of(tmp_path / "compiled")
+    assert sorted(compiled) == sorted(reference) and len(reference) >= 2
+    assert_same_losses(compiled, reference, sorted(reference))
 
 
 def test_benchmark_attributes_graph_breaks_to_the_part_whose_code_broke():
