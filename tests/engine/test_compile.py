@@ -313,3 +313,38 @@ def test_eager_fallback_lasts_as_long_as_the_run():
         assert torch._dynamo.config.suppress_errors is False
         hook.after_run(runner)
         assert torch._dynamo.config.suppress_errors is False
+
+
+def test_cpu_training_keeps_eagers_memory_format_for_the_run():
+    """Inductor turns graphs with convolutions to channels-last, whose convolution backward oneDNN
+    runs much slower on a CPU than eager's NCHW (docs/compile.md): CompileHook turns that off for
+    CPU training, for the run only; inference and GPUs keep inductor's choice."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+    from mmengine.config import Config
+
+    from hieradet_mmdet.engine.compile import CompileHook, run_settings
+
+    def settings(training, device):
+        return {name: value for _, name, value in run_settings(training, device)}
+
+    assert settings(True, "cpu") == {"suppress_errors": True, "layout_optimization": False}
+    assert settings(False, "cpu") == settings(True, "cuda") == {"suppress_errors": True}
+
+    class Runner:
+        cfg = Config(dict(compile=dict(backend="aot_eager")))
+        model = narrow_trunk_with_head()
+        optim_wrapper = None
+
+    with inductor.patch(layout_optimization=True), torch._dynamo.config.patch(suppress_errors=False):
+        hook, runner = CompileHook(), Runner()
+        hook.before_train(runner)
+        assert inductor.layout_optimization is False and torch._dynamo.config.suppress_errors is True
+        hook.before_val(runner)
+        assert inductor.layout_optimization is False  # the run's validation uses the training graphs
+        hook.after_run(runner)
+        assert inductor.layout_optimization is True and torch._dynamo.config.suppress_errors is False
+        hook = CompileHook()
+        hook.before_test(runner)
+        assert inductor.layout_optimization is True
+        hook.after_run(runner)
