@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-cases", nargs="+", metavar="CASE", choices=COMPILE_CASES,
                         default=list(COMPILE_CASES),
                         help="with --compile: which of backbone-infer, backbone-train, detector-infer, detector-train")
+    parser.add_argument("--compile-config", type=json.loads, default={}, metavar="JSON",
+                        help="with --compile: a config's compile dict (torch.compile's keyword arguments), e.g. "
+                             "'{\"options\": {\"layout_optimization\": true}}'")
     parser.add_argument("--checks", action="store_true",
                         help="first check correctness on --device (see above); exit status 1 if a check fails")
     parser.add_argument("--check-size", type=_parse_size, default=(512, 768), metavar="HxW",
@@ -252,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         from . import compiled
 
         rows = compiled.run_cases(args.compile_cases, args.sizes[0], args.device, args.threads, args.iters,
-                                  args.warmup)
+                                  args.warmup, args.compile_config)
         machine = machine_info(args.device)
         print(compiled.table(rows))
         print(f"\n{machine.get('gpu', machine['cpu'])}; threads {args.threads}; size {args.sizes[0][0]}x{args.sizes[0][1]}")

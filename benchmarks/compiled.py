@@ -20,6 +20,7 @@ backbone (this package's model), neck, heads (MMDetection's heads and what they 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -127,7 +128,17 @@ def _step(model, run, training: bool):
 
 
 def run_one(case: dict[str, Any]) -> dict[str, Any]:
-    """In this process: eager and compiled steps of one case, interleaved (see the module docstring)."""
+    """In this process: eager and compiled steps of one case, interleaved (see the module docstring),
+    with dynamo's and inductor's settings as CompileHook sets them for a run (and put back after)."""
+    from hieradet_mmdet.engine.compile import run_settings
+
+    with contextlib.ExitStack() as settings:
+        for config, name, value in run_settings(case["case"].endswith("-train"), case["device"]):
+            settings.enter_context(config.patch({name: value}))
+        return _run_one(case)
+
+
+def _run_one(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from hieradet_mmdet.engine.compile import compile_options
@@ -151,7 +162,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         times.append((time.perf_counter() - t0) * 1e3)
 
     for part in parts:  # as ``compile = True`` compiles them
-        part.compile(**compile_options(dict(compile=dict(backend=case.get("backend", "inductor")))))
+        part.compile(**compile_options(dict(compile=dict(dict(backend="inductor"), **case["compile"]))))
     compiled = [part._compiled_call_impl for part in parts]
     t0 = time.perf_counter()
     step()
@@ -178,8 +189,10 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def run_cases(cases: list[str], size, device: str, threads: int, iters: int, warmup: int) -> list[dict[str, Any]]:
-    """Every case in two fresh processes sharing a new inductor cache: cold, then warm."""
+def run_cases(cases: list[str], size, device: str, threads: int, iters: int, warmup: int,
+              compile_config: Optional[dict] = None) -> list[dict[str, Any]]:
+    """Every case in two fresh processes sharing a new inductor cache: cold, then warm;
+    ``compile_config``: a config's ``compile`` dict (default: inductor, as ``compile = True``)."""
     rows = []
     for name in cases:
         with tempfile.TemporaryDirectory(prefix="hieradet-inductor-") as cache:
@@ -187,7 +200,7 @@ def run_cases(cases: list[str], size, device: str, threads: int, iters: int, war
             row: Optional[dict[str, Any]] = None
             for temperature in ("cold", "warm"):
                 case = dict(case=name, size=list(size), device=device, threads=threads, iters=iters, warmup=warmup,
-                            count_breaks=temperature == "cold")
+                            count_breaks=temperature == "cold", compile=compile_config or {})
                 cmd = [sys.executable, "-m", "benchmarks.compiled", json.dumps(case)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
                 found = [json.loads(line[len(RESULT_TAG):]) for line in proc.stdout.splitlines()

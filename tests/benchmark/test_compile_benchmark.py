@@ -7,6 +7,8 @@ from __future__ import annotations
 
 
 def test_a_compile_case_times_the_fast_path_the_reference_path_and_the_compiled_one(monkeypatch):
+    import torch._dynamo
+
     from benchmarks.compiled import run_one, table
     from hieradet_mmdet.models import fast_path
 
@@ -14,8 +16,10 @@ def test_a_compile_case_times_the_fast_path_the_reference_path_and_the_compiled_
     real_fast_forward = fast_path.fast_forward
     monkeypatch.setattr(fast_path, "fast_forward", lambda *a: fast_calls.append(1) or real_fast_forward(*a))
     case = dict(case="backbone-infer", size=[64, 64], device="cpu", threads=1, iters=2, warmup=1,
-                count_breaks=True, backend="aot_eager")
+                count_breaks=True, compile=dict(backend="aot_eager"))
+    suppress_errors = torch._dynamo.config.suppress_errors
     row = run_one(case)
+    assert torch._dynamo.config.suppress_errors == suppress_errors  # the run's settings were put back
     assert row["breaks"]["graph_breaks"] == 0 and row["breaks"]["graphs"] == 1, row["breaks"]
     assert all(row[key] > 0 for key in ("eager_ms", "reference_ms", "compiled_ms", "compile_s")), row
     # the warm-up and the eager steps took the fast path; the reference and compiled steps did not
@@ -28,3 +32,18 @@ def test_a_compile_case_times_the_fast_path_the_reference_path_and_the_compiled_
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[0] == "backbone-infer" and float(cells[2]) == round(row["reference_ms"], 1), line
     assert cells[5] == f"{row['reference_ms'] / row['compiled_ms']:.2f}x" and cells[8] == "1", line
+
+
+def test_the_compile_table_comes_from_a_cold_and_a_warm_process_with_the_given_compile_config(capsys):
+    """``tools/benchmark.py --compile``: each case in a cold process and a warm one on its inductor
+    cache, with ``--compile-config`` (a config's ``compile`` dict) reaching both."""
+    import json
+
+    from benchmarks.cli import main
+
+    report = main(["--compile", "--compile-cases", "backbone-infer", "--sizes", "64x64", "--threads", "1",
+                   "--iters", "1", "--warmup", "1", "--compile-config", json.dumps(dict(backend="aot_eager"))])
+    (row,) = report["compile"]
+    assert row["status"] == "ok" and row["compile"] == {"backend": "aot_eager"}, row
+    assert row["compile_cold_s"] > 0 and row["compile_warm_s"] > 0 and row["warm_compiled_ms"] > 0, row
+    assert "| backbone-infer |" in capsys.readouterr().out
