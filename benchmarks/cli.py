@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"any of {', '.join(MODELS)}")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=["backbone"], metavar="MODE",
                         help=f"any of {', '.join(MODES)}")
-    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["fp32"],
-                        help="fp32, or bf16 autocast (weights stay fp32)")
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES,
+                        help="fp32 (the default), or bf16 autocast (weights stay fp32); --compile's default: fp32, "
+                             "and bf16 where --amp chooses it here")
     parser.add_argument("--sizes", nargs="+", type=_parse_size, default=[(800, 1344)], metavar="HxW")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--with-cp", choices=("off", "on", "both"), default="off",
@@ -173,7 +174,7 @@ def make_cases(args) -> list[dict[str, Any]]:
     for size in args.sizes:
         for mode in args.mode:
             for name in args.models:
-                for dtype in args.dtype:
+                for dtype in args.dtype or ["fp32"]:
                     for with_cp in cps:
                         cases.append(dict(model=name, mode=mode, dtype=dtype, size=list(size), batch=args.batch,
                                           with_cp=with_cp, device=args.device, threads=args.threads,
@@ -255,9 +256,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         from . import compiled
 
         rows = compiled.run_cases(args.compile_cases, args.sizes[0], args.device, args.threads, args.iters,
-                                  args.warmup, args.compile_config)
+                                  args.warmup, args.compile_config, args.dtype or compiled.chosen_dtypes(args.device))
         machine = machine_info(args.device)
+        machine["amp"] = amp_choice(args.device)
         print(compiled.table(rows))
+        print(machine["amp"])
         print(f"\n{machine.get('gpu', machine['cpu'])}; threads {args.threads}; size {args.sizes[0][0]}x{args.sizes[0][1]}")
         for row in rows:
             for reason in (row.get("breaks") or {}).get("reasons", []):

@@ -2,7 +2,9 @@
 the neck, ``hieradet_mmdet.engine.compile``), on the backbone alone and inside the whole detector,
 for inference and the train step, with graph breaks counted and compile time cold and warm.
 
-    tools/benchmark.py --compile [--sizes 512x512] [--device cuda] [--threads 2] [--iters 5]
+    tools/benchmark.py --compile [--sizes 512x512] [--device cuda] [--threads 2] [--iters 5] [--dtype ...]
+
+fp32, and bf16 autocast where ``--amp`` chooses it on the machine (``--dtype`` picks others).
 
 Each (model, mode) runs in fresh processes with a fresh inductor cache directory: the first
 process compiles cold, a second one with that cache warm (inductor's FX graph and kernel caches:
@@ -21,6 +23,7 @@ backbone (this package's model), neck, heads (MMDetection's heads and what they 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -28,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .cases import REPO
 
@@ -83,9 +86,10 @@ def _setup(case: dict[str, Any]):
     """(module to compile in place, eager step, step to count breaks over with its args, training)."""
     import torch
 
-    from .cases import SEED, case_detector, detector_batch, make_ours
+    from .cases import SEED, case_detector, detector_autocast, detector_batch, make_ours
+    from .reference import autocast
 
-    device, size = case["device"], tuple(case["size"])
+    device, size, dtype = case["device"], tuple(case["size"]), case.get("dtype", "fp32")
     kind, mode = case["case"].split("-")
     training = mode == "train"
     torch.manual_seed(SEED)
@@ -94,18 +98,19 @@ def _setup(case: dict[str, Any]):
         x = torch.randn(1, 3, *size, device=device)
 
         def run():
-            return model(x)
-        return model, [model], run, (model, (x,)), training
+            with autocast(device, dtype):
+                return model(x)
+        return model, [model], run, (run, ()), training
     model = case_detector("hieradet_small", heads="neutral").to(device).train(training)
     inputs, samples = detector_batch(model, 1, size, training, device)
 
-    def run():
-        if training:
-            loss, _ = model.parse_losses(model(inputs, samples, mode="loss"))
-            return loss
-        return model(inputs, samples, mode="predict")
-    count = (lambda: run(), ())
-    return model, [model.backbone, model.neck], run, count, training
+    def run():  # the detector under autocast as ``--amp`` runs it
+        with detector_autocast(model, dtype):
+            if training:
+                loss, _ = model.parse_losses(model(inputs, samples, mode="loss"))
+                return loss
+            return model(inputs, samples, mode="predict")
+    return model, [model.backbone, model.neck], run, (run, ()), training
 
 
 def _step(model, run, training: bool):
@@ -189,25 +194,35 @@ def _run_one(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def chosen_dtypes(device: str) -> list[str]:
+    """fp32, and bf16 where ``--amp`` chooses bf16 autocast on this machine (a CPU with fast bf16)."""
+    import torch
+
+    from hieradet_mmdet.engine import amp
+
+    chosen, _ = amp.choose_mixed_precision("auto", device == "cuda" and torch.cuda.is_available())
+    return ["fp32", "bf16"] if chosen == torch.bfloat16 else ["fp32"]
+
+
 def run_cases(cases: list[str], size, device: str, threads: int, iters: int, warmup: int,
-              compile_config: Optional[dict] = None) -> list[dict[str, Any]]:
-    """Every case in two fresh processes sharing a new inductor cache: cold, then warm;
+              compile_config: Optional[dict] = None, dtypes: Sequence[str] = ("fp32",)) -> list[dict[str, Any]]:
+    """Every case and dtype in two fresh processes sharing a new inductor cache: cold, then warm;
     ``compile_config``: a config's ``compile`` dict (default: inductor, as ``compile = True``)."""
     rows = []
-    for name in cases:
+    for name, dtype in itertools.product(cases, dtypes):
         with tempfile.TemporaryDirectory(prefix="hieradet-inductor-") as cache:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, OMP_NUM_THREADS=str(threads))
             row: Optional[dict[str, Any]] = None
             for temperature in ("cold", "warm"):
                 case = dict(case=name, size=list(size), device=device, threads=threads, iters=iters, warmup=warmup,
-                            count_breaks=temperature == "cold", compile=compile_config or {})
+                            count_breaks=temperature == "cold", compile=compile_config or {}, dtype=dtype)
                 cmd = [sys.executable, "-m", "benchmarks.compiled", json.dumps(case)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
                 found = [json.loads(line[len(RESULT_TAG):]) for line in proc.stdout.splitlines()
                          if line.startswith(RESULT_TAG)]
                 if not found:
                     tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-                    row = dict(case=name, status=f"error: {tail[:300]}")
+                    row = dict(case=name, dtype=dtype, status=f"error: {tail[:300]}")
                     break
                 if temperature == "cold":
                     row = dict(found[0], status="ok", compile_cold_s=found[0]["compile_s"])
@@ -216,7 +231,7 @@ def run_cases(cases: list[str], size, device: str, threads: int, iters: int, war
                     row["warm_eager_ms"], row["warm_compiled_ms"] = found[0]["eager_ms"], found[0]["compiled_ms"]
                     row["warm_reference_ms"] = found[0]["reference_ms"]
                 breaks = found[0].get("breaks", {})
-                print(f"{name} {temperature}: compile {found[0]['compile_s']:.1f} s, eager {found[0]['eager_ms']:.1f} ms, "
+                print(f"{name} {dtype} {temperature}: compile {found[0]['compile_s']:.1f} s, eager {found[0]['eager_ms']:.1f} ms, "
                       f"compiled {found[0]['compiled_ms']:.1f} ms"
                       + (f", graph breaks {breaks['graph_breaks']} {breaks['per_part']}" if breaks else ""),
                       file=sys.stderr, flush=True)
@@ -230,8 +245,9 @@ def table(rows: list[dict[str, Any]]) -> str:
              "compile cold s | compile warm s | graphs | graph breaks (backbone / neck / heads / other / unattributed) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
+        name = r["case"] + ("" if r.get("dtype", "fp32") == "fp32" else f" {r['dtype']}")
         if r.get("status") != "ok":
-            lines.append(f"| {r['case']} | {r.get('status')} |")
+            lines.append(f"| {name} | {r.get('status')} |")
             continue
         # both processes' timed iterations: the median of the two medians' pair
         eager = statistics.median([r["eager_ms"], r["warm_eager_ms"]])
@@ -240,7 +256,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         b = r.get("breaks", {})
         parts = b.get("per_part", {})
         split = " / ".join(str(parts.get(p, 0)) for p in ("backbone", "neck", "heads", "other", "unattributed"))
-        lines.append(f"| {r['case']} | {eager:.1f} | {reference:.1f} | {compiled:.1f} | {eager / compiled:.2f}x | "
+        lines.append(f"| {name} | {eager:.1f} | {reference:.1f} | {compiled:.1f} | {eager / compiled:.2f}x | "
                      f"{reference / compiled:.2f}x | "
                      f"{r['compile_cold_s']:.1f} | {r['compile_warm_s']:.1f} | {b.get('graphs', '')} | "
                      f"{b.get('graph_breaks', '')} ({split}) |")

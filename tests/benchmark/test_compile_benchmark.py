@@ -5,6 +5,9 @@ in the table."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 
 def test_a_compile_case_times_the_fast_path_the_reference_path_and_the_compiled_one(monkeypatch):
     import torch._dynamo
@@ -36,14 +39,43 @@ def test_a_compile_case_times_the_fast_path_the_reference_path_and_the_compiled_
 
 def test_the_compile_table_comes_from_a_cold_and_a_warm_process_with_the_given_compile_config(capsys):
     """``tools/benchmark.py --compile``: each case in a cold process and a warm one on its inductor
-    cache, with ``--compile-config`` (a config's ``compile`` dict) reaching both."""
+    cache, with ``--compile-config`` (a config's ``compile`` dict) and ``--dtype`` reaching both."""
     import json
 
     from benchmarks.cli import main
 
     report = main(["--compile", "--compile-cases", "backbone-infer", "--sizes", "64x64", "--threads", "1",
-                   "--iters", "1", "--warmup", "1", "--compile-config", json.dumps(dict(backend="aot_eager"))])
+                   "--iters", "1", "--warmup", "1", "--dtype", "bf16",
+                   "--compile-config", json.dumps(dict(backend="aot_eager"))])
     (row,) = report["compile"]
-    assert row["status"] == "ok" and row["compile"] == {"backend": "aot_eager"}, row
+    assert row["status"] == "ok" and row["compile"] == {"backend": "aot_eager"} and row["dtype"] == "bf16", row
     assert row["compile_cold_s"] > 0 and row["compile_warm_s"] > 0 and row["warm_compiled_ms"] > 0, row
-    assert "| backbone-infer |" in capsys.readouterr().out
+    assert "| backbone-infer bf16 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compile_cases_run_under_the_autocast_of_their_dtype(dtype, monkeypatch):
+    """The backbone under torch.autocast, the detector under ``--amp``'s autocast (whatever this
+    CPU would choose: both dtypes are forced here)."""
+    from benchmarks import cases
+    from benchmarks.compiled import _setup
+
+    _, _, run, _, _ = _setup(dict(case="backbone-infer", size=[64, 64], device="cpu", dtype=dtype))
+    with torch.no_grad():
+        assert (torch.bfloat16 in {o.dtype for o in run()}) == (dtype == "bf16")
+    asked = []
+    real = cases.detector_autocast
+    monkeypatch.setattr(cases, "detector_autocast", lambda model, d: asked.append(d) or real(model, d))
+    _, parts, run, _, _ = _setup(dict(case="detector-infer", size=[64, 64], device="cpu", dtype=dtype))
+    with torch.no_grad():
+        run()
+    assert asked == [dtype] and len(parts) == 2
+
+
+@pytest.mark.parametrize("amp_dtype, expected", [(torch.bfloat16, ["fp32", "bf16"]), (None, ["fp32"])])
+def test_compile_measures_bf16_where_amp_chooses_it(amp_dtype, expected, monkeypatch):
+    from benchmarks.compiled import chosen_dtypes
+    from hieradet_mmdet.engine import amp
+
+    monkeypatch.setattr(amp, "choose_mixed_precision", lambda mode, cuda: (amp_dtype, "forced by the test"))
+    assert chosen_dtypes("cpu") == expected
